@@ -1,0 +1,30 @@
+"""Python side of the 3D latent diffusion bundle: configs in ``configs/`` wire these modules.
+
+Modules by role: ``demo_data`` and ``data`` (datalists, demo volumes, batch preparation), ``networks`` and
+``losses``, ``engines`` (trainers), ``handlers`` (checkpoints, previews, progress), ``reconstruction`` (stage-1
+inference), ``checks`` (config validation), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
+
+Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
+``python -m scripts.demo_data`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from scripts.errors import install_error_summary
+
+__all__ = [
+    "checks", "data", "demo_data", "engines", "errors", "handlers", "losses", "networks", "reconstruction",
+    "storage", "visualize",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return importlib.import_module(f"scripts.{name}")
+    raise AttributeError(f"module 'scripts' has no attribute '{name}'")
+
+
+install_error_summary()

@@ -1,0 +1,186 @@
+"""What both training stages share: mixed precision, gradient accumulation and clipping, the non-finite guard.
+
+``OptimizerStep`` owns one network's optimiser step; ``GenerativeTrainer`` is MONAI's ``Trainer`` with those
+mechanics, and subclasses override only ``_iteration`` (as MONAI's own trainers do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import default_metric_cmp_fn
+from monai.inferers import Inferer, SimpleInferer
+from torch import nn
+from torch.optim import Optimizer
+
+from scripts.data import PrepareImage
+
+__all__ = ["NonFiniteLossError", "OptimizerStep", "GenerativeTrainer", "loss_output"]
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; raised before any parameter is updated with it."""
+
+
+class OptimizerStep:
+    """Backward and optimiser step of one network, with grad scaling, accumulation and clipping.
+
+    Args:
+        network: the network the optimiser updates (its parameters are clipped).
+        optimizer: its optimiser.
+        accumulation_steps: number of iterations whose gradients are summed before one optimiser step.
+        clip_grad_norm: maximum global gradient norm; ``None`` or 0 disables clipping.
+        grad_scaler: whether to scale the loss (float16 autocast on CUDA needs it; bfloat16 does not).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: Optimizer,
+        accumulation_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        grad_scaler: bool = False,
+    ) -> None:
+        if accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {accumulation_steps}.")
+        self.network = network
+        self.optimizer = optimizer
+        self.accumulation_steps = int(accumulation_steps)
+        self.clip_grad_norm = clip_grad_norm or None
+        self.scaler = torch.amp.GradScaler("cuda") if grad_scaler else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` divided by the accumulation steps (scaled when a grad scaler is used)."""
+        loss = loss / self.accumulation_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        """Unscale, clip, update the parameters and reset the gradients."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.clip_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class GenerativeTrainer(Trainer):
+    """MONAI ``Trainer`` with autocast, accumulation-aware stepping and a non-finite loss guard.
+
+    Args:
+        device: device to train on.
+        max_epochs: epochs to train (a resumed run continues up to this number).
+        train_data_loader: training data.
+        epoch_length: iterations per epoch; default ``len(train_data_loader)``.
+        prepare_batch: ``(batchdata, device, non_blocking, **kwargs) -> tensor | (tensor, tensor)``; the engine
+            hook a user points at their own function to adapt a new dataset's batch layout.
+        inferer: runs the network's training forward pass (stage 1: ``SimpleInferer``; stage 2: MONAI's
+            ``LatentDiffusionInferer``/``DiffusionInferer``).
+        train_handlers: Ignite/MONAI handlers (checkpoints, logging, validation, previews).
+        amp: autocast the forward passes.
+        amp_dtype: ``"bfloat16"`` (default; no grad scaling needed) or ``"float16"`` (grad-scaled on CUDA).
+        accumulation_steps: iterations accumulated per optimiser step.
+        clip_grad_norm: maximum gradient norm, ``None`` to disable.
+        stage: name used in messages, e.g. ``"stage-1"``.
+        kwargs: other arguments of ``monai.engines.Trainer`` (``key_train_metric``, ``additional_metrics``...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = PrepareImage(),
+        inferer: Inferer | None = None,
+        iteration_update: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        accumulation_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        stage: str = "training",
+        **kwargs: Any,
+    ) -> None:
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{amp_dtype}'.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=False,  # autocast is handled here, for CPU and CUDA alike
+            decollate=False,
+            **kwargs,
+        )
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.use_amp = bool(amp)
+        self.amp_dtype = AMP_DTYPES[amp_dtype]
+        self.accumulation_steps = int(accumulation_steps)
+        self.clip_grad_norm = clip_grad_norm
+        self.stage = stage
+        self.grad_scaler = self.use_amp and self.amp_dtype == torch.float16 and torch.device(device).type == "cuda"
+
+    def make_step(self, network: nn.Module, optimizer: Optimizer) -> OptimizerStep:
+        """An :class:`OptimizerStep` with this trainer's accumulation, clipping and scaling settings."""
+        return OptimizerStep(network, optimizer, self.accumulation_steps, self.clip_grad_norm, self.grad_scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for forward passes (a no-op when AMP is off)."""
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=self.amp_dtype)
+
+    def is_step_iteration(self) -> bool:
+        """Whether this iteration ends an accumulation window (or the epoch), so optimisers should step."""
+        local = (self.state.iteration - 1) % self.state.epoch_length + 1
+        return local % self.accumulation_steps == 0 or local == self.state.epoch_length
+
+    def check_finite(self, terms: Mapping[str, torch.Tensor]) -> None:
+        """Stop training, naming the epoch, iteration and term, if a loss term is NaN or infinite."""
+        for name, value in terms.items():
+            v = float(value.detach())
+            if not math.isfinite(v):
+                raise NonFiniteLossError(
+                    f"{self.stage} loss term '{name}' became {v} at epoch {self.state.epoch}, iteration "
+                    f"{self.state.iteration}; no weights were updated with it and the last checkpoint is intact. "
+                    "Lower lr, enable clip_grad_norm, or turn AMP off, then resume."
+                )
+
+    def optimizer_steps(self) -> dict[str, OptimizerStep]:
+        """The trainer's optimiser steps by name; their scaler states are saved in checkpoints."""
+        return {}
+
+
+def loss_output(output: Mapping[str, Any]) -> dict[str, float]:
+    """Output transform for Stats/TensorBoard handlers: the scalar loss terms of an iteration."""
+    return dict(output.get("losses", {}))

@@ -1,0 +1,118 @@
+"""Handlers that show training: reconstruction previews (TensorBoard + PNG) and loss curves (PNG)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.utils import CommonKeys
+
+from scripts.handlers.checkpoint import is_main_process
+from scripts.storage import atomic_write_json
+from scripts.visualize import montage, plot_curves
+
+__all__ = ["ReconstructionPreview", "LossCurves"]
+
+logger = logging.getLogger(__name__)
+
+
+def _first_volume(x: Any) -> np.ndarray:
+    if isinstance(x, (list, tuple)):
+        x = x[0]
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu()
+        if x.ndim == 5:
+            x = x[0]
+        x = x.numpy()
+    return np.asarray(x)
+
+
+class ReconstructionPreview:
+    """Input-vs-reconstruction mid-slices of the first validation volume, each validation round.
+
+    Written as a TensorBoard image (tag ``<tag>/input_vs_reconstruction``) and as a PNG in ``output_dir``
+    named by the trainer's epoch, so earlier previews are kept.
+
+    Args:
+        output_dir: folder of the PNG files.
+        log_dir: TensorBoard folder; ``None`` writes only PNGs.
+        tag: prefix of file names and TensorBoard tags.
+    """
+
+    def __init__(self, output_dir: str, log_dir: str | None = None, tag: str = "stage1") -> None:
+        self.output_dir = Path(output_dir)
+        self.log_dir = log_dir
+        self.tag = tag
+        self._writer = None
+        self._pair: tuple[np.ndarray, np.ndarray] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._pair = None
+
+    def _keep_first(self, engine: Engine) -> None:
+        if self._pair is None:
+            out = engine.state.output
+            if isinstance(out, list):  # decollated
+                out = out[0]
+            self._pair = (_first_volume(out[CommonKeys.IMAGE]), _first_volume(out[CommonKeys.PRED]))
+
+    def _write(self, engine: Engine) -> None:
+        if self._pair is None or not is_main_process():
+            return
+        epoch = engine.state.epoch
+        image, recon = self._pair
+        path = self.output_dir / f"{self.tag}_epoch{epoch:04d}.png"
+        rgb = montage([("input", image), ("reconstruction", recon)], path, title=f"{self.tag}, epoch {epoch}")
+        if self.log_dir is not None:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=self.log_dir)
+            self._writer.add_image(f"{self.tag}/input_vs_reconstruction", rgb, epoch, dataformats="HWC")
+            self._writer.flush()
+
+
+class LossCurves:
+    """Per-epoch mean of each loss term, plotted to a PNG after every epoch, with the numbers beside it as JSON.
+
+    Args:
+        path: PNG destination (rewritten atomically each epoch of this run); the curves go to the same name
+            with a ``.json`` suffix.
+        output_transform: ``engine.state.output -> {name: float}``.
+        title: plot title.
+    """
+
+    def __init__(self, path: str, output_transform: Callable[[Any], dict[str, float]], title: str = "") -> None:
+        self.path = Path(path)
+        self.output_transform = output_transform
+        self.title = title
+        self._sums: dict[str, list[float]] = defaultdict(list)
+        self.curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._plot)
+
+    def _collect(self, engine: Engine) -> None:
+        for name, value in (self.output_transform(engine.state.output) or {}).items():
+            self._sums[name].append(float(value))
+
+    def _plot(self, engine: Engine) -> None:
+        for name, values in self._sums.items():
+            if values:
+                self.curves[name].append((engine.state.epoch, float(np.mean(values))))
+        self._sums = defaultdict(list)
+        if is_main_process():
+            plot_curves(self.curves, self.path, title=self.title)
+            atomic_write_json(self.curves, self.path.with_suffix(".json"))

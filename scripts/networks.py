@@ -1,0 +1,162 @@
+"""Helpers around MONAI's generative networks: weight loading with clear errors, the autoencoder's
+downsampling factor and thin single-tensor wrappers for ``verify_net_in_out`` and TorchScript export.
+
+The networks themselves are MONAI's (``AutoencoderKL``, ``PatchDiscriminator``, ``DiffusionModelUNet``), defined
+once in ``configs/common.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from scripts.storage import load_checkpoint
+
+__all__ = [
+    "unwrap",
+    "downsample_factor",
+    "check_spatial_size",
+    "latent_spatial_shape",
+    "load_weights",
+    "AutoencoderReconstruction",
+    "AutoencoderDecoder",
+    "DiffusionDenoiser",
+]
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The bare network inside a ``DistributedDataParallel``/``DataParallel``/compiled wrapper."""
+    while hasattr(network, "module") and isinstance(network.module, nn.Module):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
+
+
+def downsample_factor(autoencoder: nn.Module) -> int:
+    """Spatial downsampling factor of an ``AutoencoderKL``/``VQVAE`` encoder (2 per level after the first)."""
+    ae = unwrap(autoencoder)
+    for attr in ("channels", "num_channels"):
+        channels = getattr(getattr(ae, "encoder", ae), attr, None)
+        if channels is not None:
+            return 2 ** (len(channels) - 1)
+    downsample = getattr(ae, "downsample_parameters", None)
+    if downsample is not None:  # VQVAE: one stride per level
+        factor = 1
+        for params in downsample:
+            factor *= int(params[0])
+        return factor
+    raise TypeError(f"cannot tell the downsampling factor of {type(ae).__name__}")
+
+
+def check_spatial_size(size: Sequence[int], autoencoder: nn.Module, name: str = "train_patch_size") -> list[int]:
+    """Check that a spatial size divides by the autoencoder's downsampling factor.
+
+    Raises:
+        ValueError: naming the config key and the nearest valid sizes.
+    """
+    factor = downsample_factor(autoencoder)
+    bad = [s for s in size if int(s) % factor]
+    if bad:
+        fixed = [max(factor, round(int(s) / factor) * factor) for s in size]
+        raise ValueError(
+            f"{name}={list(size)} is not divisible by the autoencoder's downsampling factor {factor} "
+            f"(2 per level of autoencoder_def channels); use e.g. {name}={fixed}."
+        )
+    return [int(s) for s in size]
+
+
+def latent_spatial_shape(image_size: Sequence[int], autoencoder: nn.Module, name: str = "image_size") -> list[int]:
+    """Latent spatial shape for an image size, with a clear error when the sizes are inconsistent."""
+    factor = downsample_factor(autoencoder)
+    return [s // factor for s in check_spatial_size(image_size, autoencoder, name)]
+
+
+def load_weights(network: nn.Module, path: str, key: str | None = None, what: str = "weights") -> nn.Module:
+    """Load a state dict from ``path`` into ``network`` (strict), failing with one clear message.
+
+    Accepts plain state dicts (the Model Zoo's ``model_autoencoder.pt``/``model.pt``) and training checkpoints
+    holding the state dict under ``key``.
+
+    Args:
+        network: the module to load into (a DDP wrapper is unwrapped).
+        path: checkpoint file.
+        key: key of the state dict inside a training checkpoint; tried only when present.
+        what: words naming the weights in messages, e.g. ``"autoencoder"``.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file holds weights of another architecture or size.
+    """
+    state = load_checkpoint(path, what=f"{what} checkpoint")
+    if isinstance(state, Mapping) and key is not None and key in state and isinstance(state[key], Mapping):
+        state = state[key]
+    target = unwrap(network)
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        detail = []
+        if mismatched:
+            k = mismatched[0]
+            detail.append(f"shape of '{k}' is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the config")
+        if missing:
+            detail.append(f"{len(missing)} missing key(s), e.g. '{missing[0]}'")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected key(s), e.g. '{unexpected[0]}'")
+        raise ValueError(
+            f"{what} checkpoint '{path}' does not match the network in the config ({'; '.join(detail)}). "
+            "Use the config the checkpoint was trained with, or re-train."
+        )
+    target.load_state_dict(state)
+    return network
+
+
+class AutoencoderReconstruction(nn.Module):
+    """Deterministic reconstruction: image ``(B, C, *spatial)`` -> decode(posterior mean), same shape.
+
+    One tensor in, one tensor out, for ``verify_net_in_out``, evaluators and TorchScript export.
+    """
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = unwrap(autoencoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.autoencoder.encode_stage_2_inputs(x)
+        return self.autoencoder.decode_stage_2_outputs(z)
+
+
+class AutoencoderDecoder(nn.Module):
+    """Latent ``(B, latent_channels, *latent_spatial)`` -> image ``(B, C, *spatial)``, undoing the scale factor.
+
+    Args:
+        autoencoder: the stage-1 autoencoder.
+        scale_factor: the factor latents were multiplied by for diffusion training; the decoder divides by it.
+    """
+
+    def __init__(self, autoencoder: nn.Module, scale_factor: float = 1.0) -> None:
+        super().__init__()
+        self.autoencoder = unwrap(autoencoder)
+        self.scale_factor = float(scale_factor)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_stage_2_outputs(z / self.scale_factor)
+
+
+class DiffusionDenoiser(nn.Module):
+    """The diffusion UNet with a fixed timestep, so that it takes one latent tensor and returns one tensor.
+
+    Only for ``verify_net_in_out`` and export checks; sampling calls the UNet with real timesteps.
+    """
+
+    def __init__(self, network: nn.Module, timestep: int = 500) -> None:
+        super().__init__()
+        self.network = unwrap(network)
+        self.timestep = int(timestep)
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)
+        return self.network(x, timesteps=t)

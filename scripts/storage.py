@@ -1,0 +1,136 @@
+"""Atomic writes, safe checkpoint loading and never-overwriting output paths.
+
+Everything the bundle writes goes through this module, so that an interrupted run never leaves a
+half-written checkpoint or volume behind and a new run never silently replaces an earlier output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_write",
+    "atomic_save",
+    "atomic_write_json",
+    "load_checkpoint",
+    "file_sha256",
+    "new_run_dir",
+    "unique_path",
+]
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
+    """Call ``write_fn(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    The rename is atomic on POSIX file systems: readers see either the old file or the complete new one.
+
+    Args:
+        path: final destination.
+        write_fn: writes the content to the temporary path it receives.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffix: some writers (nibabel, PIL) pick the format from it
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+
+    return atomic_write(path, _write)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:
+    """Load a checkpoint with ``torch.load(..., weights_only=True)`` and turn failures into one clear message.
+
+    Args:
+        path: checkpoint file.
+        map_location: device to map tensors onto.
+        what: words naming the checkpoint in the error message, e.g. ``"autoencoder weights"``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a loadable weights-only checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} not found: '{path}'. Train that stage first, or point the config at an existing file."
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
+        raise ValueError(
+            f"cannot load {what} from '{path}' with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "The file is corrupt or not a PyTorch checkpoint; re-train or re-export it."
+        ) from e
+
+
+def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
+    """Return the first ``length`` hex digits of the SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def unique_path(path: str | os.PathLike) -> Path:
+    """Return ``path`` if nothing exists there, else the first free ``<stem>_1<suffix>``, ``<stem>_2<suffix>``..."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    suffix = "".join(path.suffixes)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    n = 1
+    while True:
+        candidate = path.with_name(f"{stem}_{n}{suffix}")
+        if not candidate.exists():
+            return candidate
+        n += 1
+
+
+def new_run_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """Create and return a new, empty folder ``parent/<prefix>_<YYYYmmdd-HHMMSS>[_n]`` that no earlier run used."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    base = parent / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}"
+    while True:
+        candidate = unique_path(base)
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:  # another process took it between the check and the mkdir
+            continue

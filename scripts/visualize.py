@@ -1,0 +1,103 @@
+"""Pictures people would rather look at than read: orthogonal mid-slice montages and loss curves, as PNG."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from scripts.storage import atomic_write
+
+__all__ = ["mid_slices", "montage", "plot_curves"]
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mid_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal mid-slices of a RAS volume ``(X, Y, Z)`` (or ``(1, X, Y, Z)``), oriented for
+    display in radiological-viewer fashion: anterior/superior up."""
+    v = np.asarray(volume, dtype=np.float32)
+    if v.ndim == 4:
+        v = v[0]
+    x, y, z = (s // 2 for s in v.shape)
+    axial = np.flipud(v[:, :, z].T)  # rows: posterior->anterior flipped so anterior is up
+    coronal = np.flipud(v[:, y, :].T)  # rows: inferior->superior flipped so superior is up
+    sagittal = np.flipud(v[x, :, :].T)
+    return [axial, coronal, sagittal]
+
+
+def montage(
+    rows: Mapping[str, np.ndarray] | Sequence[tuple[str, np.ndarray]],
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+) -> np.ndarray:
+    """Draw one row of orthogonal mid-slices per volume; write it as PNG when ``path`` is given.
+
+    Args:
+        rows: (name, volume) pairs, volumes ``(X, Y, Z)`` or ``(1, X, Y, Z)`` in RAS orientation.
+        path: PNG destination (written atomically).
+        title: figure title.
+        vmin: lower end of the grey scale (``None``: per-image).
+        vmax: upper end of the grey scale.
+
+    Returns:
+        The figure as an ``(H, W, 3)`` uint8 array (for TensorBoard's ``add_image``).
+    """
+    plt = _pyplot()
+    items = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
+    fig, axes = plt.subplots(len(items), 3, figsize=(7.5, 2.6 * len(items) + (0.4 if title else 0)), squeeze=False)
+    for r, (name, volume) in enumerate(items):
+        for c, (view, img) in enumerate(zip(VIEWS, mid_slices(volume))):
+            ax = axes[r][c]
+            ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(view, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return rgb
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str = "", xlabel: str = "epoch"
+) -> None:
+    """Plot named ``(x, y)`` curves on a log-scaled y axis where all values are positive, and write a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    positive = True
+    for name, points in curves.items():
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        positive &= min(ys) > 0
+        ax.plot(xs, ys, label=name, marker="." if len(xs) < 50 else None)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
