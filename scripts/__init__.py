@@ -16,8 +16,8 @@ from typing import Any
 from scripts.errors import install_error_summary
 
 __all__ = [
-    "checks", "data", "demo_data", "engines", "errors", "handlers", "losses", "networks", "reconstruction",
-    "storage", "visualize",
+    "checks", "data", "demo_data", "diffusion", "engines", "errors", "generation", "handlers", "latents", "losses",
+    "networks", "nifti", "reconstruction", "storage", "visualize",
 ]
 
 

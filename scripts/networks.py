@@ -125,8 +125,8 @@ class AutoencoderReconstruction(nn.Module):
         self.autoencoder = unwrap(autoencoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.autoencoder.encode_stage_2_inputs(x)
-        return self.autoencoder.decode_stage_2_outputs(z)
+        # AutoencoderKL.reconstruct decodes the posterior mean (encode_stage_2_inputs would sample)
+        return self.autoencoder.reconstruct(x)
 
 
 class AutoencoderDecoder(nn.Module):

@@ -18,9 +18,10 @@ from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.utils import CommonKeys
 
 from scripts.handlers.checkpoint import is_main_process
+from scripts.nifti import save_nifti
 from scripts.storage import atomic_write, atomic_write_json, new_run_dir
 
-__all__ = ["volume_metrics", "ReconstructionWriter", "save_nifti"]
+__all__ = ["volume_metrics", "ReconstructionWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +46,6 @@ def volume_metrics(
         spatial_dims=spatial_dims, data_range=data_range, kernel_size=ms_ssim_kernel_size, weights=ms_ssim_weights
     )(pred, target)
     return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "ms_ssim": float(ms_ssim.mean())}
-
-
-def save_nifti(volume: torch.Tensor | np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a ``(X, Y, Z)`` or ``(1, X, Y, Z)`` volume as NIfTI with ``affine`` (qform and sform), atomically."""
-    import nibabel as nib
-
-    data = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    data = data.astype(np.float32)
-    if data.ndim == 4 and data.shape[0] == 1:
-        data = data[0]
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

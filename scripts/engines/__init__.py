@@ -4,3 +4,11 @@ from scripts.engines.autoencoder_trainer import AutoencoderTrainer
 from scripts.engines.base import GenerativeTrainer, NonFiniteLossError, OptimizerStep, loss_output
 
 __all__ = ["AutoencoderTrainer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "loss_output"]
+from scripts.engines.diffusion_trainer import (  # noqa: E402
+    LatentDiffusionEvaluator,
+    LatentDiffusionTrainer,
+    diffusion_loss,
+    lower_is_better,
+)
+
+__all__ += ["LatentDiffusionEvaluator", "LatentDiffusionTrainer", "diffusion_loss", "lower_is_better"]

@@ -1,0 +1,133 @@
+"""Generation: sample latents with any MONAI scheduler, decode them (tiled if asked), write NIfTI + PNG + manifest."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from torch import nn
+
+from scripts.diffusion import decode_latents, sample_generators, sample_latents
+from scripts.nifti import centered_ras_affine, save_nifti
+from scripts.storage import atomic_write_json, file_sha256, load_checkpoint, new_run_dir
+from scripts.visualize import montage
+
+__all__ = ["initial_noise", "generate", "read_training_record"]
+
+
+def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int, device: str | torch.device) -> torch.Tensor:
+    """Starting noise ``(len(indices), *latent_shape)``; sample ``i``'s noise depends only on ``(seed, i)``."""
+    generators = sample_generators(seed, indices)  # on CPU: the same noise on any device
+    return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
+
+
+def read_training_record(checkpoint_path: str, key: str, override: Any = None) -> Any:
+    """A value stored in the stage-2 training checkpoint (e.g. ``scale_factor``), unless ``override`` is given.
+
+    Raises:
+        FileNotFoundError / ValueError: the checkpoint is missing or does not hold ``key``; the message says which
+            config value to pass instead.
+    """
+    if override is not None:
+        return override
+    state = load_checkpoint(checkpoint_path, what=f"stage-2 checkpoint (for {key})")
+    if key not in state:
+        raise ValueError(f"stage-2 checkpoint '{checkpoint_path}' has no '{key}'; pass --{key} explicitly.")
+    value = state[key]
+    return float(value) if isinstance(value, (int, float, torch.Tensor)) else value
+
+
+def generate(
+    network: nn.Module,
+    autoencoder: nn.Module,
+    scheduler: nn.Module,
+    scale_factor: float,
+    latent_shape: Sequence[int],
+    output_dir: str,
+    spacing: Sequence[float],
+    num_samples: int = 4,
+    batch_size: int = 1,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    device: str | torch.device = "cpu",
+    decode_inferer: Inferer | None = None,
+    record: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Generate ``num_samples`` volumes into a new folder ``output_dir/generated_<time>``.
+
+    Writes ``sample_0000.nii.gz``... (RAS affine with ``spacing``, centred at the origin), ``samples.png`` (orthogonal
+    mid-slices of every sample) and ``manifest.json`` (sampler, steps, seed, scale factor, checkpoint hashes, time).
+
+    Args:
+        network: diffusion UNet (usually the EMA weights), latent space.
+        autoencoder: stage-1 autoencoder; its decoder maps ``latent / scale_factor`` to image space.
+        scheduler: the sampler (MONAI DDPM/DDIM/PNDM/RFlow scheduler).
+        scale_factor: the training scale factor (read from the stage-2 checkpoint).
+        latent_shape: ``(latent_channels, *latent_spatial)``.
+        output_dir: parent of the run folder.
+        spacing: voxel size of the written volumes, in mm.
+        num_samples: how many volumes.
+        batch_size: volumes sampled together (does not change any sample).
+        seed: sample ``i`` is a function of ``(seed, i)`` only.
+        num_inference_steps: reverse-process steps.
+        device: device to sample on.
+        decode_inferer: e.g. a ``SlidingWindowInferer`` over the latent for tiled decoding in bounded memory.
+        record: extra facts for the manifest (checkpoint paths are hashed).
+        progress: show progress bars.
+    """
+    run_dir = new_run_dir(output_dir, "generated")
+    network = network.eval().to(device)
+    autoencoder = autoencoder.eval().to(device)
+    start = time.time()
+    files, volumes = [], []
+    batches = [list(range(i, min(i + batch_size, num_samples))) for i in range(0, num_samples, batch_size)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_samples, desc=f"generating ({type(scheduler).__name__}, {num_inference_steps} steps)")
+    for indices in batches:
+        noise = initial_noise(latent_shape, indices, seed, device)
+        generators = sample_generators(seed + 1, indices, device=noise.device)
+        latents = sample_latents(network, scheduler, noise, num_inference_steps, generators, progress=progress)
+        images = decode_latents(autoencoder, latents, scale_factor, decode_inferer).float().cpu()
+        for i, image in zip(indices, images):
+            affine = centered_ras_affine(image.shape[1:], spacing)
+            files.append(save_nifti(image, affine, run_dir / f"sample_{i:04d}.nii.gz"))
+            volumes.append((f"sample {i}", image.numpy()))
+        if bar is not None:
+            bar.update(len(indices))
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - start
+    montage(volumes, run_dir / "samples.png", title=f"{num_samples} samples, {type(scheduler).__name__}, "
+            f"{num_inference_steps} steps, seed {seed}", vmin=0.0, vmax=1.0)
+    facts = dict(record or {})
+    for key, value in list(facts.items()):
+        if key.endswith("_path") and value and Path(str(value)).is_file():
+            facts[key.replace("_path", "_sha256")] = file_sha256(value)
+    manifest = {
+        "sampler": type(scheduler).__name__, "num_inference_steps": int(num_inference_steps), "seed": int(seed),
+        "num_samples": int(num_samples), "batch_size": int(batch_size), "scale_factor": float(scale_factor),
+        "latent_shape": list(latent_shape), "image_shape": list(images.shape[1:]), "spacing_mm": list(map(float, spacing)),
+        "files": [f.name for f in files], "seconds_total": round(seconds, 2),
+        "seconds_per_sample": round(seconds / max(num_samples, 1), 2), "device": str(device),
+        "torch": torch.__version__, "python": platform.python_version(), **facts,
+    }
+    atomic_write_json(manifest, run_dir / "manifest.json")
+    print(f"generated {num_samples} volume(s) in {seconds:.1f} s ({manifest['sampler']}, {num_inference_steps} steps): "
+          f"{run_dir}\n  NIfTI: {', '.join(f.name for f in files)}\n  montage: {run_dir / 'samples.png'}\n"
+          f"  manifest: {run_dir / 'manifest.json'}")
+    return run_dir
+
+
+def manifest_of(run_dir: str | Path) -> dict:
+    """Read a generation run's manifest."""
+    return json.loads((Path(run_dir) / "manifest.json").read_text())

@@ -1,0 +1,177 @@
+"""Stage-2 inputs: latents of the frozen autoencoder, cached on disk, and the latent scale factor.
+
+The cache stores each volume's posterior mean and standard deviation (not one sampled latent, which would make
+the diffusion model fit a single draw and floor its loss); every iteration samples ``mu + sigma * eps`` afresh.
+A cache file is keyed by a hash of the autoencoder weights, the preprocessing and the items, so a new autoencoder
+or a new transform chain makes a new cache instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.engines.utils import PrepareBatch
+from torch import nn
+
+from scripts.handlers.checkpoint import is_main_process
+from scripts.networks import unwrap
+from scripts.storage import atomic_save, file_sha256, load_checkpoint
+
+__all__ = ["transform_fingerprint", "cache_key", "encode_items", "cached_latents", "estimate_scale_factor", "PrepareLatents"]
+
+logger = logging.getLogger(__name__)
+
+
+def _describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a transform's configuration (class and plain attributes, recursively)."""
+    if depth > 6:
+        return type(obj).__qualname__
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_describe(o, depth + 1) for o in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): _describe(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).round(6).tolist() if np.size(obj) < 64 else list(np.shape(obj))
+    if isinstance(obj, (np.random.RandomState, torch.Generator)) or callable(obj) and not hasattr(obj, "__dict__"):
+        return type(obj).__qualname__
+    if hasattr(obj, "__dict__"):
+        fields = {k: _describe(v, depth + 1) for k, v in sorted(vars(obj).items())
+                  if not k.startswith("_") and k not in ("R", "rng", "lazy_evaluation")}
+        return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **fields}
+    return repr(obj)
+
+
+def transform_fingerprint(transform: Any) -> str:
+    """Hash of a transform chain's classes and parameters: changes when any transform or parameter changes."""
+    text = json.dumps(_describe(transform), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_key(autoencoder_path: str, transform: Any, items: Sequence[Mapping], image_key: str = "image") -> str:
+    """Key of a latent cache: autoencoder weights hash + preprocessing fingerprint + the listed files."""
+    files = [str(item[image_key]) for item in items]
+    text = json.dumps([file_sha256(autoencoder_path), transform_fingerprint(transform), files])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor (MetaTensor metadata dropped), so caches load with ``weights_only=True``."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def encode_items(
+    autoencoder: nn.Module,
+    items: Sequence[Mapping],
+    transform: Callable,
+    device: str | torch.device,
+    image_key: str = "image",
+    progress: bool = True,
+) -> list[dict]:
+    """Preprocess and encode each item; return ``{"z_mu", "z_sigma", "source"}`` dicts, tensors ``(C, *latent)`` on CPU."""
+    ae = unwrap(autoencoder).eval()
+    iterator = items
+    if progress and is_main_process():
+        from tqdm import tqdm
+
+        iterator = tqdm(items, desc="encoding latents", leave=False)
+    out = []
+    with torch.no_grad():
+        for item in iterator:
+            image = transform(dict(item))[image_key]
+            image = _plain(image).float()[None].to(device)
+            z_mu, z_sigma = ae.encode(image)
+            out.append({"z_mu": _plain(z_mu[0]).float().cpu(), "z_sigma": _plain(z_sigma[0]).float().cpu(),
+                        "source": str(item[image_key])})
+    return out
+
+
+def cached_latents(
+    autoencoder: nn.Module,
+    autoencoder_path: str,
+    items: Sequence[Mapping],
+    transform: Callable,
+    cache_dir: str,
+    split: str,
+    device: str | torch.device,
+    image_key: str = "image",
+) -> list[dict]:
+    """Latent posteriors of ``items``, read from ``cache_dir/<split>_<key>.pt`` or encoded once and written there.
+
+    In a distributed run rank 0 encodes and writes; the other ranks wait at a barrier, then read the file.
+    """
+    path = Path(cache_dir) / f"latents_{split}_{cache_key(autoencoder_path, transform, items, image_key)}.pt"
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not path.is_file() and is_main_process():
+        latents = encode_items(autoencoder, items, transform, device, image_key)
+        atomic_save(latents, path)
+        print(f"[latents] encoded {len(latents)} {split} volume(s) into {path}")
+    if distributed:
+        torch.distributed.barrier()
+    latents = load_checkpoint(path, what="latent cache")
+    if len(latents) != len(items):
+        raise ValueError(f"latent cache '{path}' holds {len(latents)} items, expected {len(items)}; delete it to rebuild.")
+    return latents
+
+
+def estimate_scale_factor(latents: Sequence[Mapping], seed: int = 0, max_items: int | None = None) -> float:
+    """``1 / std`` of sampled latents over the whole (cached) training set, not one batch (Rombach et al. 2022,
+    sec. 4.3.2), so that diffusion sees unit-variance latents. The same on every rank: it depends only on the
+    cache content and ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = latents if max_items is None else latents[:max_items]
+    if not chosen:
+        raise ValueError("cannot estimate the latent scale factor from an empty training set.")
+    samples = [item["z_mu"] + item["z_sigma"] * torch.randn(item["z_mu"].shape, generator=generator) for item in chosen]
+    std = torch.stack(samples).float().std()
+    return float(1.0 / std.clamp_min(1e-8))
+
+
+class PrepareLatents(PrepareBatch):
+    """``prepare_batch`` for stage 2: the latent posterior ``(z_mu, z_sigma)`` of a batch, each ``(B, C, *latent)``.
+
+    A batch of cached latents (keys ``z_mu``/``z_sigma``) is passed through; a batch of images (on-the-fly
+    encoding, for random augmentation) is encoded by the frozen autoencoder.
+
+    Args:
+        autoencoder: the frozen stage-1 autoencoder; needed only for image batches.
+        image_key: key of the image in image batches.
+    """
+
+    def __init__(self, autoencoder: nn.Module | None = None, image_key: str = "image") -> None:
+        self.autoencoder = autoencoder
+        self.image_key = image_key
+
+    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if "z_mu" in batchdata:
+            return (batchdata["z_mu"].to(device=device, non_blocking=non_blocking),
+                    batchdata["z_sigma"].to(device=device, non_blocking=non_blocking))
+        if self.autoencoder is None or self.image_key not in batchdata:
+            raise KeyError(f"stage-2 batch has neither cached latents ('z_mu', 'z_sigma') nor '{self.image_key}' "
+                           "with an autoencoder to encode it; check train#dataset and prepare_batch.")
+        ae = unwrap(self.autoencoder).eval()
+        with torch.no_grad():
+            image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking).float()
+            z_mu, z_sigma = ae.encode(image)
+        return z_mu, z_sigma
+
+
+def stage2_dataset(latent_cache: bool, posteriors: Sequence[Mapping], items: Sequence[Mapping],
+                   transform: Callable | None = None):
+    """Stage-2 training data: cached posteriors (default), or the images themselves for on-the-fly encoding
+    through ``transform`` (which may hold random augmentation)."""
+    from monai.data import Dataset
+
+    if latent_cache:
+        return Dataset(data=[{"z_mu": p["z_mu"], "z_sigma": p["z_sigma"]} for p in posteriors])
+    return Dataset(data=list(items), transform=transform)
