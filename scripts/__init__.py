@@ -16,7 +16,7 @@ from typing import Any
 from scripts.errors import install_error_summary
 
 __all__ = [
-    "checks", "data", "demo_data", "diffusion", "engines", "errors", "generation", "handlers", "latents", "losses",
+    "checks", "data", "demo", "demo_data", "diffusion", "engines", "errors", "generation", "handlers", "latents", "losses",
     "networks", "nifti", "reconstruction", "storage", "visualize",
 ]
 

@@ -32,15 +32,19 @@ GENERATION_ONLY_LACKS = ("train_patch_size", "num_workers")
 TINY_DIFFUSION = {"diffusion_channels": [8, 16, 16], "diffusion_norm_num_groups": 4, "diffusion_num_head_channels": [0, 0, 8]}
 
 
-def overrides_for(tmp: Path, infer: bool = False, generate: bool = False, **extra) -> dict:
-    """Tiny settings with every output under ``tmp`` (data, checkpoints, outputs); ``infer`` drops training keys,
-    ``generate`` also the data-loading keys that generation does not have."""
+def overrides_for(tmp: Path, infer: bool = False, generate: bool = False, stage2: bool = False, **extra) -> dict:
+    """Tiny settings with every output under ``tmp`` (data, checkpoints, outputs, latent cache).
+
+    ``infer``: for reconstruction (no training keys); ``generate``: for generation (no data-loading keys either);
+    ``stage2``: for diffusion training (no stage-1 patch size, a latent cache folder under ``tmp``).
+    """
     data = str(tmp / "data")
-    drop = GENERATION_ONLY_LACKS if generate else TRAIN_ONLY if infer else ()
-    infer = infer or generate
+    drop = GENERATION_ONLY_LACKS if generate else TRAIN_ONLY if (infer or stage2) else ()
+    if stage2:
+        extra = {"latent_cache_dir": str(tmp / "cache"), **extra}
     tiny = {k: v for k, v in {**TINY, **TINY_DIFFUSION}.items() if k not in drop}
     return {**tiny, "dataset_dir": data, "demo_data_dir": data, "ckpt_dir": str(tmp / "models"),
-            "output_dir": str(tmp / "outputs"), **({} if infer else {"latent_cache_dir": str(tmp / "cache")}), **extra}
+            "output_dir": str(tmp / "outputs"), **extra}
 
 
 def run_bundle(config_files: str | list[str], overrides: dict, check: bool = True, timeout: int = 600,

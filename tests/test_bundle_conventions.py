@@ -13,6 +13,8 @@ from tests.helpers import ROOT
 
 SCHEMA = ROOT.parent / "shared" / "schema" / "meta_schema_20240725.json"
 WORKFLOWS = ["configs/train_autoencoder.json", "configs/inference_autoencoder.json"]
+MACRO_WORKFLOWS = [*WORKFLOWS, "configs/inference.json"]
+STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +34,25 @@ def test_metadata_verifies_against_schema():
 
 
 def test_verify_net_in_out_autoencoder():
+    """The autoencoder is described by `autoencoder_data_format`, checked by pointing verify_net_in_out at it."""
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
     proc = _cli("verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
-                "--config_file", "configs/inference_autoencoder.json")
+                "--config_file", "configs/inference_autoencoder.json",
+                "--_meta_#network_data_format", json.dumps(meta["autoencoder_data_format"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("config_file,workflow_type", [(WORKFLOWS[0], "train"), (WORKFLOWS[1], "infer")])
+def test_verify_net_in_out_diffusion_unet():
+    """`network_data_format` describes the diffusion UNet (latent in, latent out, through a fixed-timestep wrapper)."""
+    proc = _cli("verify_net_in_out", "--net_id", "denoiser_def", "--meta_file", "configs/metadata.json",
+                "--config_file", "configs/inference.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("config_file,workflow_type", [(WORKFLOWS[0], "train"), (WORKFLOWS[1], "infer")],
+                         ids=["stage1", "reconstruction"])
 def test_workflow_properties(config_file, workflow_type):
     wf = ConfigWorkflow(config_file=config_file, meta_file="configs/metadata.json", logging_file=False,
                         workflow_type=workflow_type)
@@ -47,11 +61,13 @@ def test_workflow_properties(config_file, workflow_type):
     assert wf.check_properties() in (None, [])
 
 
-@pytest.mark.parametrize("config_file", WORKFLOWS)
+@pytest.mark.parametrize("config_file", MACRO_WORKFLOWS)
 def test_every_workflow_takes_every_shared_definition_from_common(config_file):
     common = json.loads((ROOT / "configs" / "common.json").read_text())
     workflow = json.loads((ROOT / config_file).read_text())
-    for key in (k for k in common if not k.startswith("_")):
+    # stage-1 inference's network_def is the autoencoder (reconstruction wrapper), as MONAI's infer properties expect
+    own = {"configs/inference_autoencoder.json": {"network_def"}}.get(config_file, set())
+    for key in (k for k in common if not k.startswith("_") and k not in own):
         assert workflow.get(key) == f"%configs/common.json#{key}", f"{config_file}: '{key}' must be a macro"
     redefined = [k for k in ("autoencoder_def", "discriminator_def", "preprocessing_transforms")
                  if not str(workflow.get(k, "")).startswith("%")]
@@ -67,3 +83,14 @@ def test_train_and_inference_build_the_same_autoencoder():
         nets.append(parser.get_parsed_content("autoencoder_def"))
     a, b = (n.state_dict() for n in nets)
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+
+
+def test_stage2_training_and_generation_build_the_same_unet():
+    nets = []
+    for config_file in (STAGE2, ["configs/common.json", "configs/train_diffusion.json"], "configs/inference.json"):
+        parser = ConfigParser()
+        parser.read_config(config_file)
+        parser.parse()
+        nets.append(parser.get_parsed_content("network_def").state_dict())
+    for other in nets[1:]:
+        assert list(other) == list(nets[0]) and all(other[k].shape == nets[0][k].shape for k in other)

@@ -1,0 +1,181 @@
+"""Stage-2 building blocks: latent cache vs on-the-fly encoding, EMA, sampling determinism, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import DiffusionInferer, SlidingWindowInferer
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, RFlowScheduler
+from torch import nn
+
+from scripts.diffusion import check_sampler, decode_latents, sample_latents
+from scripts.engines import LatentDiffusionTrainer
+from scripts.generation import generate, initial_noise, read_training_record
+from scripts.handlers import EMA
+from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
+from scripts.networks import latent_spatial_shape
+
+
+def tiny_autoencoder() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(spatial_dims=3, channels=(4, 4), latent_channels=2, num_res_blocks=1, norm_num_groups=2,
+                         attention_levels=(False, False), with_encoder_nonlocal_attn=False,
+                         with_decoder_nonlocal_attn=False, include_fc=False).eval()
+
+
+def tiny_unet() -> DiffusionModelUNet:
+    torch.manual_seed(1)
+    return DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 8), attention_levels=(False, False),
+                              num_res_blocks=1, norm_num_groups=4, num_head_channels=8).eval()
+
+
+def test_cached_latents_give_the_same_loss_as_on_the_fly_encoding():
+    ae, unet = tiny_autoencoder(), tiny_unet()
+    images = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        z_mu, z_sigma = ae.encode(images)
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    losses = []
+    for batch in ({"z_mu": z_mu, "z_sigma": z_sigma}, {"image": images}):
+        trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=unet,
+                                         optimizer=torch.optim.SGD(unet.parameters(), lr=0.0), noise_scheduler=scheduler,
+                                         scale_factor=0.7, prepare_batch=PrepareLatents(ae))
+        torch.manual_seed(123)  # same latent draw, noise and timesteps
+        trainer.run()
+        losses.append(trainer.state.output["loss"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_latent_draws_differ_each_iteration():
+    """The posterior is sampled per iteration: two iterations on the same cached item see different latents."""
+    z_mu, z_sigma = torch.zeros(1, 2, 4, 4, 4), torch.ones(1, 2, 4, 4, 4)
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x, timesteps, context=None):
+            seen.append(x.clone())
+            return torch.zeros_like(x, requires_grad=True) * x
+
+    net = Spy()
+    net.p = nn.Parameter(torch.zeros(1))
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[{"z_mu": z_mu, "z_sigma": z_sigma}] * 2,
+                                     network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+                                     noise_scheduler=DDPMScheduler(num_train_timesteps=10), scale_factor=1.0)
+    trainer.run()
+    assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
+
+
+def test_scale_factor_is_one_over_std_of_all_latents():
+    items = [{"z_mu": torch.randn(2, 4, 4, 4) * 3.0, "z_sigma": torch.full((2, 4, 4, 4), 1e-4)} for _ in range(20)]
+    assert estimate_scale_factor(items) == pytest.approx(1 / 3.0, rel=0.05)
+    assert estimate_scale_factor(items, seed=0) == estimate_scale_factor(items, seed=0)
+
+
+def test_ema_update_follows_formula():
+    net = nn.Linear(3, 1)
+    ema = EMA(net, decay=0.9)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * net.weight.detach())
+    assert set(ema.state_dict()) == set(net.state_dict())
+
+
+def test_cache_key_changes_with_autoencoder_weights_and_transform(tmp_path):
+    from monai.transforms import Compose, ScaleIntensityRanged
+
+    items = [{"image": "a.nii.gz"}]
+    path = tmp_path / "ae.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    t1 = Compose([ScaleIntensityRanged("image", a_min=0, a_max=1, b_min=0, b_max=1)])
+    t2 = Compose([ScaleIntensityRanged("image", a_min=0, a_max=2, b_min=0, b_max=1)])
+    key = cache_key(str(path), t1, items)
+    assert key == cache_key(str(path), t1, items)
+    assert key != cache_key(str(path), t2, items)
+    torch.save({"w": torch.ones(2)}, path)
+    assert key != cache_key(str(path), t1, items)
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(num_train_timesteps=50), DDIMScheduler(num_train_timesteps=50),
+                                       PNDMScheduler(num_train_timesteps=50, skip_prk_steps=True),
+                                       RFlowScheduler(num_train_timesteps=50, use_discrete_timesteps=False)],
+                         ids=["ddpm", "ddim", "pndm", "rflow"])
+def test_sampler_runs_the_requested_steps(scheduler):
+    calls = []
+    unet = tiny_unet()
+
+    def counting(x, timesteps):
+        calls.append(timesteps)
+        return unet(x, timesteps=timesteps)
+
+    out = sample_latents(counting, scheduler, torch.randn(1, 2, 4, 4, 4), num_inference_steps=7, progress=False)
+    assert out.shape == (1, 2, 4, 4, 4) and torch.isfinite(out).all()
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize("make", [lambda: DDPMScheduler(num_train_timesteps=20), lambda: DDIMScheduler(num_train_timesteps=20)],
+                         ids=["ddpm", "ddim"])
+def test_sample_depends_on_seed_and_index_not_batch_size(make, tmp_path):
+    ae, unet = tiny_autoencoder(), tiny_unet()
+    common = dict(network=unet, autoencoder=ae, scale_factor=1.0, latent_shape=[2, 4, 4, 4], spacing=[2.0, 2.0, 2.0],
+                  num_samples=3, seed=5, num_inference_steps=4, progress=False)
+    runs = [generate(scheduler=make(), output_dir=str(tmp_path), batch_size=b, **common) for b in (1, 3)]
+    import nibabel as nib
+
+    for i in range(3):
+        a, b = (nib.load(r / f"sample_{i:04d}.nii.gz").get_fdata() for r in runs)
+        assert abs(a - b).max() < 1e-5
+    first = nib.load(runs[0] / "sample_0000.nii.gz").get_fdata()
+    assert abs(first - nib.load(runs[0] / "sample_0001.nii.gz").get_fdata()).max() > 1e-4
+    assert runs[0] != runs[1], "a second run writes a new folder"
+
+
+def test_initial_noise_is_per_index():
+    a = initial_noise([2, 3, 3, 3], [0, 1, 2], seed=1, device="cpu")
+    b = initial_noise([2, 3, 3, 3], [2], seed=1, device="cpu")
+    torch.testing.assert_close(a[2:], b)
+
+
+def test_decode_divides_by_scale_factor():
+    ae = tiny_autoencoder()
+    z = torch.randn(1, 2, 4, 4, 4)
+    with torch.no_grad():
+        expected = ae.decode(z / 0.25)
+    torch.testing.assert_close(decode_latents(ae, z, 0.25), expected)
+    assert not torch.allclose(decode_latents(ae, z, 1.0), expected)
+
+
+def test_tiled_decode_matches_full_decode():
+    ae = tiny_autoencoder()
+    z = torch.randn(1, 2, 8, 8, 8)
+    full = decode_latents(ae, z, 0.5)
+    one_tile = decode_latents(ae, z, 0.5, SlidingWindowInferer(roi_size=[8, 8, 8], sw_batch_size=1))
+    torch.testing.assert_close(one_tile, full)
+    tiled = decode_latents(ae, z, 0.5, SlidingWindowInferer(roi_size=[6, 6, 6], sw_batch_size=1, overlap=0.5, mode="gaussian"))
+    assert tiled.shape == full.shape == (1, 1, 16, 16, 16)
+    # GroupNorm statistics are per tile, so several tiles only approximate the full decode
+    correlation = torch.corrcoef(torch.stack([tiled.flatten(), full.flatten()]))[0, 1]
+    assert correlation > 0.9, correlation
+
+
+def test_latent_shape_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"image_size=\[31, 32, 32\] is not divisible by the autoencoder's downsampling factor 2"):
+        latent_spatial_shape([31, 32, 32], tiny_autoencoder(), "image_size")
+
+
+def test_sampler_must_match_training_family():
+    check_sampler("ddim", "ddpm")
+    check_sampler("rflow", "rflow")
+    with pytest.raises(ValueError, match="use --sampler rflow"):
+        check_sampler("ddim", "rflow")
+
+
+def test_scale_factor_read_from_checkpoint_or_overridden(tmp_path):
+    path = tmp_path / "checkpoint_diffusion.pt"
+    torch.save({"scale_factor": 0.42}, path)
+    assert read_training_record(str(path), "scale_factor") == pytest.approx(0.42)
+    assert read_training_record(str(path), "scale_factor", 1.5) == 1.5
+    with pytest.raises(FileNotFoundError, match="stage-2 checkpoint"):
+        read_training_record(str(tmp_path / "missing.pt"), "scale_factor")
