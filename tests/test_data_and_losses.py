@@ -1,0 +1,93 @@
+"""Real-data entry points and optional loss terms: the Decathlon layout, datalist checks, the local perceptual loss."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.data import SelectChanneld, decathlon_items, load_datalist
+from scripts.losses import AutoencoderLoss, LocalPerceptualLoss
+
+
+def _fake_brats(root, n=5):
+    task = root / "Task01_BrainTumour"
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    training = []
+    for i in range(n):
+        img = nib.Nifti1Image(np.random.rand(8, 8, 8, 4).astype(np.float32), np.diag([1.1, 1.1, 1.1, 1]))
+        lab = nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.diag([1.1, 1.1, 1.1, 1]))
+        nib.save(img, task / "imagesTr" / f"BRATS_{i:03d}.nii.gz")
+        nib.save(lab, task / "labelsTr" / f"BRATS_{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({"name": "BRATS", "description": "fake", "reference": "", "licence": "",
+                                                   "release": "", "tensorImageSize": "4D", "training": training, "test": [],
+                                                   "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                                                   "labels": {"0": "background"}, "numTraining": n, "numTest": 0}))
+    return task
+
+
+def test_decathlon_sections_split_like_monai(tmp_path):
+    _fake_brats(tmp_path)
+    train = decathlon_items(str(tmp_path), "Task01_BrainTumour", "training", val_frac=0.2)
+    val = decathlon_items(str(tmp_path), "Task01_BrainTumour", "validation", val_frac=0.2)
+    assert len(train) == 4 and len(val) == 1
+    assert not {i["image"] for i in train} & {i["image"] for i in val}
+
+
+def test_decathlon_missing_task_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Set --dataset_dir to the folder that contains 'Task01_BrainTumour/'"):
+        decathlon_items(str(tmp_path), "Task01_BrainTumour", "training")
+
+
+def test_flair_channel_selection():
+    out = SelectChanneld("image", channel=0)({"image": torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 2, 2, 2)})
+    assert out["image"].shape == (1, 2, 2, 2) and float(out["image"].max()) == 0.0
+    with pytest.raises(ValueError, match="cannot select channel 5"):
+        SelectChanneld("image", channel=5)({"image": torch.zeros(4, 2, 2, 2)})
+
+
+def test_datalist_split_missing_names_the_split(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
+    with pytest.raises(KeyError, match="has no 'validation' entries"):
+        load_datalist(str(path), "validation")
+
+
+class _Features(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f = self.conv(x)
+        return [f, torch.relu(f)]
+
+
+def test_local_perceptual_loss_from_torchscript_file(tmp_path):
+    path = tmp_path / "features.pt"
+    torch.jit.save(torch.jit.script(_Features()), str(path))
+    loss = LocalPerceptualLoss(str(path), spatial_dims=3)
+    x = torch.rand(2, 1, 8, 8, 8)
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(x, torch.rand_like(x))) > 0
+    terms = AutoencoderLoss(perceptual_weight=0.5, perceptual_network=loss).generator_terms(
+        x, torch.rand_like(x), torch.zeros(2, 2, 2, 2, 2), torch.ones(2, 2, 2, 2, 2))
+    assert set(terms) == {"recon", "kl", "perceptual"} and float(terms["kl"]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_perceptual_weight_without_network_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="set perceptual_network_path"):
+        AutoencoderLoss(perceptual_weight=0.1)
+    with pytest.raises(FileNotFoundError, match="perceptual network .* not found"):
+        LocalPerceptualLoss(str(tmp_path / "none.pt"))
+
+
+def test_spectral_term_is_added_when_weighted():
+    x = torch.rand(1, 1, 8, 8, 8)
+    terms = AutoencoderLoss(spectral_weight=1.0).generator_terms(x, x, torch.zeros(1, 2, 2, 2, 2), torch.ones(1, 2, 2, 2, 2))
+    assert "spectral" in terms and float(terms["spectral"]) == pytest.approx(0.0, abs=1e-6)
