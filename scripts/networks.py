@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 from scripts.storage import load_checkpoint
@@ -24,6 +25,8 @@ __all__ = [
     "AutoencoderReconstruction",
     "AutoencoderDecoder",
     "DiffusionDenoiser",
+    "TimestepChannelUNet",
+    "LatentDecoder",
 ]
 
 
@@ -160,3 +163,41 @@ class DiffusionDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)
         return self.network(x, timesteps=t)
+
+
+class TimestepChannelUNet(DiffusionModelUNet):
+    """Export form of the diffusion UNet: one input tensor ``(B, latent_channels + 1, *latent_spatial)`` whose last
+    channel holds each item's timestep (constant over space); returns the UNet output ``(B, latent_channels, ...)``.
+
+    ``monai.bundle ckpt_export --use_trace true`` feeds a single tensor, and MONAI's attention blocks cannot be
+    scripted, so the UNet is traced in this form. It shares the wrapped UNet's modules, so its state dict is the
+    UNet's (``model.pt``/``model_ema.pt`` load into it unchanged).
+    """
+
+    @classmethod
+    def wrap(cls, unet: nn.Module) -> TimestepChannelUNet:
+        obj = cls.__new__(cls)
+        obj.__dict__ = unwrap(unet).__dict__  # same modules and parameters, this class's forward
+        return obj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        timesteps = x[:, -1].flatten(1)[:, 0]
+        return super().forward(x[:, :-1], timesteps=timesteps)
+
+
+class LatentDecoder(AutoencoderKL):
+    """Export form of the decoder path: diffusion latent ``(B, C, *latent)`` -> image, ``decode(z / scale_factor)``.
+
+    Shares the wrapped autoencoder's modules, so ``model_autoencoder.pt`` loads into it unchanged; the scale factor
+    is a constant of the exported graph.
+    """
+
+    @classmethod
+    def wrap(cls, autoencoder: nn.Module, scale_factor: float = 1.0) -> LatentDecoder:
+        obj = cls.__new__(cls)
+        obj.__dict__ = unwrap(autoencoder).__dict__
+        obj.latent_scale_factor = float(scale_factor)
+        return obj
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.decode(z / self.latent_scale_factor)

@@ -98,3 +98,36 @@ def test_generation_rejects_inconsistent_image_size(trained):
     tmp, _, _ = trained
     proc = run_bundle(GENERATE, overrides_for(tmp, generate=True, image_size=[30, 32, 32]), check=False)
     assert "image_size=[30, 32, 32] is not divisible by the autoencoder's downsampling factor 4" in proc.stderr.splitlines()[-1]
+
+
+def test_ckpt_export_unet_and_decoder_match_eager(trained):
+    """`monai.bundle ckpt_export` traces the UNet (timestep in the last channel) and the decoder path."""
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    tmp, _, _ = trained
+    models = tmp / "models"
+    ov = overrides_for(tmp, generate=True)
+    run_bundle(GENERATE, {**ov, "net_id": "export_unet_def", "filepath": str(tmp / "unet.ts"), "use_trace": True,
+                          "input_shape": [1, 5, 8, 8, 8], "ckpt_file": str(models / "model_ema.pt"),
+                          "meta_file": "configs/metadata.json"}, subcommand="ckpt_export")
+    run_bundle(GENERATE, {**ov, "net_id": "export_decoder_def", "filepath": str(tmp / "decoder.ts"), "use_trace": True,
+                          "input_shape": [1, 4, 8, 8, 8], "ckpt_file": str(models / "model_autoencoder.pt"),
+                          "meta_file": "configs/metadata.json"}, subcommand="ckpt_export")
+    unet = DiffusionModelUNet(spatial_dims=3, in_channels=4, out_channels=4, channels=[8, 16, 16],
+                              attention_levels=[False, False, True], num_head_channels=[0, 0, 8], num_res_blocks=1,
+                              norm_num_groups=4, include_fc=False).eval()
+    unet.load_state_dict(torch.load(models / "model_ema.pt", weights_only=True))
+    ts_unet = torch.jit.load(str(tmp / "unet.ts"))
+    x, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([7, 640])
+    packed = torch.cat([x, t.float().view(2, 1, 1, 1, 1).expand(2, 1, 8, 8, 8)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(ts_unet(packed), unet(x, timesteps=t), atol=1e-4, rtol=1e-4)
+
+    ae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, channels=[8, 8, 8],
+                       num_res_blocks=1, norm_num_groups=4, attention_levels=[False, False, False],
+                       with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False).eval()
+    ae.load_state_dict(torch.load(models / "model_autoencoder.pt", weights_only=True))
+    scale = torch.load(models / "checkpoint_diffusion.pt", weights_only=True)["scale_factor"]
+    z = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp / "decoder.ts"))(z), ae.decode(z / scale), atol=1e-4, rtol=1e-4)
