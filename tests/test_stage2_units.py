@@ -179,3 +179,33 @@ def test_scale_factor_read_from_checkpoint_or_overridden(tmp_path):
     assert read_training_record(str(path), "scale_factor", 1.5) == 1.5
     with pytest.raises(FileNotFoundError, match="stage-2 checkpoint"):
         read_training_record(str(tmp_path / "missing.pt"), "scale_factor")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_prediction_types_train(prediction_type):
+    unet = tiny_unet()
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[{"z_mu": torch.randn(2, 2, 4, 4, 4),
+                                     "z_sigma": torch.full((2, 2, 4, 4, 4), 0.1)}], network=unet,
+                                     optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
+                                     noise_scheduler=DDPMScheduler(num_train_timesteps=50, prediction_type=prediction_type),
+                                     scale_factor=1.0)
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_rectified_flow_trains_on_the_velocity_target():
+    from scripts.diffusion import diffusion_target, sample_timesteps
+
+    scheduler = RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=False, sample_method="logit-normal",
+                               use_timestep_transform=True, base_img_size_numel=64, spatial_dim=3)
+    x0, noise = torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4)
+    t = sample_timesteps(scheduler, x0, torch.Generator().manual_seed(0))
+    assert t.shape == (3,) and float(t.min()) >= 0 and float(t.max()) <= 1000
+    torch.testing.assert_close(sample_timesteps(scheduler, x0, torch.Generator().manual_seed(0)), t)
+    torch.testing.assert_close(diffusion_target(scheduler, x0, noise, t), x0 - noise)
+    unet = tiny_unet()
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=2, train_data_loader=[{"z_mu": x0, "z_sigma": torch.full_like(x0, 0.1)}],
+                                     network=unet, optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
+                                     noise_scheduler=scheduler, scale_factor=1.0)
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
