@@ -22,7 +22,8 @@ How
     iteration is timed between Ignite's ``ITERATION_STARTED`` and ``ITERATION_COMPLETED`` events (with a CUDA
     synchronisation on CUDA); the first ``--warmup`` iterations are discarded. The ``CPU/wall`` column is the process
     CPU time per wall-clock second over the measured iterations: on CPU, a value well below ``--threads`` means other
-    processes competed for the cores and the timings are inflated (compare recipes only when both are near it).
+    processes competed for the cores and the timings are inflated (compare recipes only when both are near it); the
+    script then prints a note.
 
     Each recipe runs in its own subprocess, so that its peak resident memory (``ru_maxrss``) belongs to that recipe
     alone; on CUDA the peak of ``torch.cuda.max_memory_allocated`` is reported too. Peak RSS includes the Python
@@ -59,6 +60,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ours": {"d_train_steps": 1, "amp_on_cuda": True},
     "reference": {"d_train_steps": 5, "amp_on_cuda": False},
 }
+BUSY_FRACTION = 0.8  # CPU/wall below this fraction of --threads flags a contended CPU measurement
 MAX_DISTINCT_BATCHES = 8  # more batches than this are cycled: the content of a batch does not change the cost
 
 
@@ -292,14 +294,15 @@ def format_report(results: dict[str, dict[str, Any]], cuda: bool) -> str:
     return "\n".join(lines)
 
 
-def warn_if_busy(threads: int) -> None:
-    """Say so when other processes already load the CPU: the timings would then measure them too."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return
-    if load > 0.5 * threads:
-        print(f"note: 1-minute load average is {load:.2f} on {threads} threads; other processes may skew timings")
+def contention_note(results: dict[str, dict[str, Any]], threads: int) -> str | None:
+    """A warning when a CPU recipe got well under ``threads`` CPU seconds per second: other processes competed."""
+    busy = [name for name, r in results.items() if r["cpu_per_wall"] < BUSY_FRACTION * threads]
+    if not busy:
+        return None
+    return (
+        f"note: CPU/wall of {', '.join(busy)} is below {BUSY_FRACTION:.1f} x {threads} threads: other processes "
+        "competed for the cores, so these timings are inflated; rerun on an idle machine."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,13 +321,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} threads (torch {torch.__version__}, monai {monai.__version__})",
         flush=True,
     )
-    warn_if_busy(args.threads)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="stage1_speed_") as data_dir:
         generate_data(data_dir, args)
         for recipe in ("ours", "reference"):
             results[recipe] = run_child(recipe, data_dir, args)
     print(format_report(results, cuda=args.device == "cuda"), flush=True)
+    note = contention_note(results, args.threads) if args.device == "cpu" else None
+    if note:
+        print(note, flush=True)
 
 
 if __name__ == "__main__":

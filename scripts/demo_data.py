@@ -48,12 +48,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from scripts.storage import atomic_write
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -423,20 +423,6 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
 # --------------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------------
-def _atomic_write(path: str, write_fn: Callable[[str], None]) -> None:
-    """Call ``write_fn(tmp)`` on a temporary name next to ``path`` (same suffix), then ``os.replace``."""
-    folder, name = os.path.split(path)
-    suffix = name[name.find(".") :] if "." in name else ""
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _save_nifti(array: np.ndarray, affine: np.ndarray, spacing: float, path: str) -> None:
     """Write ``array`` as NIfTI-1 with scanner-coded qform and sform, atomically."""
     img = nib.Nifti1Image(array, affine)
@@ -446,7 +432,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, spacing: float, path: str
     header.set_xyzt_units(xyz="mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    _atomic_write(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _split_sizes(num_subjects: int, num_validation: int, num_test: int) -> tuple[int, int, int]:
@@ -563,7 +549,7 @@ def make_demo_dataset(
             json.dump(datalist, f, indent=2)
             f.write("\n")
 
-    _atomic_write(datalist_path, _write)
+    atomic_write(datalist_path, _write)
     return datalist_path
 
 
