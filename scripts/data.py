@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -235,11 +234,6 @@ class PrepareImage(PrepareBatch):
 def image_from_batch(batch: Any) -> torch.Tensor:
     """The image tensor of what a ``prepare_batch`` callable returned (a tensor or an (input, target) tuple)."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def dataset_root(path: str | os.PathLike) -> Path:
-    """The folder a datalist's relative paths start from (its own folder)."""
-    return Path(path).resolve().parent
 
 
 def inference_items(

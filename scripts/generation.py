@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -127,7 +126,3 @@ def generate(
           f"  manifest: {run_dir / 'manifest.json'}")
     return run_dir
 
-
-def manifest_of(run_dir: str | Path) -> dict:
-    """Read a generation run's manifest."""
-    return json.loads((Path(run_dir) / "manifest.json").read_text())

@@ -60,9 +60,3 @@ def run_bundle(config_files: str | list[str], overrides: dict, check: bool = Tru
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
-
-def last_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The innermost exception message of a failed run (what a user reads first)."""
-    lines = [line for line in proc.stderr.splitlines() if line and not line.startswith(" ")]
-    errors = [line for line in lines if "Error:" in line or "Exception:" in line]
-    return "\n".join(errors)
