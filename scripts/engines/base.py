@@ -20,9 +20,23 @@ from torch.optim import Optimizer
 
 from scripts.data import PrepareImage
 
-__all__ = ["NonFiniteLossError", "OptimizerStep", "GenerativeTrainer", "loss_output"]
+__all__ = ["amp_dtype_of", "autocast_context", "NonFiniteLossError", "OptimizerStep", "GenerativeTrainer", "loss_output"]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def amp_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of an ``amp_dtype`` config value, with a clear error for an unknown one."""
+    if name not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{name}'.")
+    return AMP_DTYPES[name]
+
+
+def autocast_context(device: str | torch.device, enabled: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast for forward passes on ``device`` (CPU or CUDA); a no-op when ``enabled`` is false."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,8 +138,7 @@ class GenerativeTrainer(Trainer):
         stage: str = "training",
         **kwargs: Any,
     ) -> None:
-        if amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{amp_dtype}'.")
+        dtype = amp_dtype_of(amp_dtype)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -144,7 +157,7 @@ class GenerativeTrainer(Trainer):
         )
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.use_amp = bool(amp)
-        self.amp_dtype = AMP_DTYPES[amp_dtype]
+        self.amp_dtype = dtype
         self.accumulation_steps = int(accumulation_steps)
         self.clip_grad_norm = clip_grad_norm
         self.stage = stage
@@ -156,9 +169,7 @@ class GenerativeTrainer(Trainer):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for forward passes (a no-op when AMP is off)."""
-        if not self.use_amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=self.amp_dtype)
+        return autocast_context(self.state.device, self.use_amp, self.amp_dtype)
 
     def is_step_iteration(self) -> bool:
         """Whether this iteration ends an accumulation window (or the epoch), so optimisers should step."""

@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from scripts.diffusion import diffusion_target, sample_timesteps
-from scripts.engines.base import GenerativeTrainer, OptimizerStep
+from scripts.engines.base import GenerativeTrainer, OptimizerStep, amp_dtype_of, autocast_context
 from scripts.latents import PrepareLatents
 
 __all__ = ["LatentDiffusionTrainer", "LatentDiffusionEvaluator", "diffusion_loss", "lower_is_better"]
@@ -115,14 +115,10 @@ class LatentDiffusionEvaluator(Evaluator):
         self.loss_function = loss_function or nn.MSELoss()
         self.seed = seed
         self.use_amp = amp
-        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp_dtype, torch.bfloat16)
+        self.amp_dtype = amp_dtype_of(amp_dtype)
 
     def autocast(self):  # same contract as GenerativeTrainer.autocast
-        import contextlib
-
-        if not self.use_amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=self.amp_dtype)
+        return autocast_context(self.state.device, self.use_amp, self.amp_dtype)
 
     def _iteration(self, engine: LatentDiffusionEvaluator, batchdata: dict) -> dict:
         z_mu, z_sigma = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
