@@ -2,7 +2,7 @@
 
 Modules by role: ``demo_data`` and ``data`` (datalists, demo volumes, batch preparation), ``networks`` and
 ``losses``, ``engines`` (trainers), ``handlers`` (checkpoints, previews, progress), ``reconstruction`` (stage-1
-inference), ``checks`` (config validation), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
+inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``), ``checks`` (config validation), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
 
 Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
 ``python -m scripts.demo_data`` stays light.
@@ -16,8 +16,8 @@ from typing import Any
 from scripts.errors import install_error_summary
 
 __all__ = [
-    "checks", "data", "demo", "demo_data", "diffusion", "engines", "errors", "generation", "handlers", "latents", "losses",
-    "networks", "nifti", "reconstruction", "storage", "visualize",
+    "checks", "data", "demo", "demo_data", "diffusion", "distributed", "engines", "errors", "generation", "handlers", "latents", "losses",
+    "launch", "networks", "nifti", "reconstruction", "storage", "visualize",
 ]
 
 

@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
-from scripts.handlers.checkpoint import is_main_process
+from scripts.distributed import is_main_rank
 from scripts.networks import unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
@@ -80,7 +80,7 @@ def encode_items(
     """Preprocess and encode each item; return ``{"z_mu", "z_sigma", "source"}`` dicts, tensors ``(C, *latent)`` on CPU."""
     ae = unwrap(autoencoder).eval()
     iterator = items
-    if progress and is_main_process():
+    if progress and is_main_rank():
         from tqdm import tqdm
 
         iterator = tqdm(items, desc="encoding latents", leave=False)
@@ -111,7 +111,7 @@ def cached_latents(
     """
     path = Path(cache_dir) / f"latents_{split}_{cache_key(autoencoder_path, transform, items, image_key)}.pt"
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not path.is_file() and is_main_process():
+    if not path.is_file() and is_main_rank():
         latents = encode_items(autoencoder, items, transform, device, image_key)
         atomic_save(latents, path)
         print(f"[latents] encoded {len(latents)} {split} volume(s) into {path}")

@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.utils import CommonKeys
 
-from scripts.handlers.checkpoint import is_main_process
+from scripts.distributed import is_main_rank
 from scripts.nifti import save_nifti
 from scripts.storage import atomic_write, atomic_write_json, new_run_dir
 
@@ -93,7 +93,7 @@ class ReconstructionWriter:
     def _start_run(self, engine: Engine) -> None:
         self.rows = []
         self._start = time.time()
-        if is_main_process():
+        if is_main_rank():
             self.run_dir = new_run_dir(self.output_dir, "reconstruction")
 
     def _write_batch(self, engine: Engine) -> None:

@@ -123,8 +123,15 @@ def unique_path(path: str | os.PathLike) -> Path:
 
 
 def new_run_dir(parent: str | os.PathLike, prefix: str) -> Path:
-    """Create and return a new, empty folder ``parent/<prefix>_<YYYYmmdd-HHMMSS>[_n]`` that no earlier run used."""
+    """Create and return a new, empty folder ``parent/<prefix>_<YYYYmmdd-HHMMSS>[_n]`` that no earlier run used.
+
+    On ranks other than 0 of a ``torchrun`` job nothing is created: their writers are switched off, and the path
+    returned (``..._rank<r>``) is never made, so a stray write from a non-zero rank would show.
+    """
     parent = Path(parent)
+    rank = int(os.environ.get("RANK", 0))
+    if rank > 0:
+        return parent / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_rank{rank}"
     parent.mkdir(parents=True, exist_ok=True)
     base = parent / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}"
     while True:

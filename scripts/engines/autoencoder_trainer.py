@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from scripts.data import PrepareImage, image_from_batch
 from scripts.engines.base import GenerativeTrainer, OptimizerStep
 from scripts.losses import AutoencoderLoss
+from scripts.networks import unwrap
 
 __all__ = ["AutoencoderTrainer"]
 
@@ -80,6 +81,21 @@ class AutoencoderTrainer(GenerativeTrainer):
         """Whether the adversarial terms are on in the current epoch."""
         return self.d_network is not None and self.state.epoch > self.adversarial_warmup_epochs
 
+    def frozen_discriminator_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Last-layer discriminator logits of ``images`` for the generator's adversarial term.
+
+        Gradients flow to ``images`` only, never into the discriminator's weights (only the discriminator step
+        updates them), and a DDP wrapper is bypassed, so no gradient all-reduce is started for this pass.
+        """
+        discriminator = unwrap(self.d_network)
+        flags = [p.requires_grad for p in discriminator.parameters()]
+        discriminator.requires_grad_(False)
+        try:
+            return discriminator(images)[-1]
+        finally:
+            for p, flag in zip(discriminator.parameters(), flags):
+                p.requires_grad_(flag)
+
     def _iteration(self, engine: AutoencoderTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         images = image_from_batch(
             engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
@@ -90,11 +106,11 @@ class AutoencoderTrainer(GenerativeTrainer):
         engine.g_network.train()
         with engine.autocast():
             recon, z_mu, z_sigma = engine.inferer(images, engine.g_network)
-            fake_logits = engine.d_network(recon.float())[-1] if adversarial else None
+            fake_logits = engine.frozen_discriminator_logits(recon.float()) if adversarial else None
             terms = engine.loss_function.generator_terms(recon.float(), images, z_mu.float(), z_sigma.float(), fake_logits)
         g_loss = torch.stack([t.float() for t in terms.values()]).sum()
         engine.check_finite({**terms, "generator": g_loss})
-        engine.g_step.backward(g_loss)
+        engine.g_step.backward(g_loss, sync=step_now)
         if step_now:
             engine.g_step.step()
 
@@ -109,7 +125,7 @@ class AutoencoderTrainer(GenerativeTrainer):
                         engine.d_network(images.contiguous())[-1], engine.d_network(fake)[-1]
                     )
                 engine.check_finite({"discriminator": d_loss})
-                engine.d_step.backward(d_loss)
+                engine.d_step.backward(d_loss, sync=step_now)
                 if step_now:
                     engine.d_step.step()
             losses["d_loss"] = float(d_loss.detach())

@@ -70,10 +70,18 @@ class OptimizerStep:
         self.clip_grad_norm = clip_grad_norm or None
         self.scaler = torch.amp.GradScaler("cuda") if grad_scaler else None
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate ``loss`` divided by the accumulation steps (scaled when a grad scaler is used)."""
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Back-propagate ``loss`` divided by the accumulation steps (scaled when a grad scaler is used).
+
+        Args:
+            loss: the loss of this iteration.
+            sync: whether a DDP-wrapped network all-reduces these gradients now; iterations inside an
+                accumulation window pass ``False`` (``no_sync``) and the window's last one ``True``.
+        """
         loss = loss / self.accumulation_steps
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        no_sync = not sync and isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
+        with self.network.no_sync() if no_sync else contextlib.nullcontext():
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> None:
         """Unscale, clip, update the parameters and reset the gradients."""

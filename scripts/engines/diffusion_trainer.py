@@ -84,8 +84,9 @@ class LatentDiffusionTrainer(GenerativeTrainer):
         engine.network.train()
         loss = _noised_loss(engine, engine.network, z_mu, z_sigma)
         engine.check_finite({"diffusion": loss})
-        engine.step.backward(loss)
-        if engine.is_step_iteration():
+        step_now = engine.is_step_iteration()
+        engine.step.backward(loss, sync=step_now)
+        if step_now:
             engine.step.step()
         value = float(loss.detach())
         return {CommonKeys.LOSS: loss.detach(), "losses": {"diffusion": value}}

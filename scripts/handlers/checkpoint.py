@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.distributed import any_rank, is_main_rank
 from scripts.networks import unwrap
 from scripts.storage import atomic_save, load_checkpoint
 
-__all__ = ["TrainingCheckpoint", "is_main_process"]
+__all__ = ["TrainingCheckpoint"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a distributed run, and always when not distributed."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 class TrainingCheckpoint:
@@ -41,7 +39,16 @@ class TrainingCheckpoint:
         weights: name in ``save_dict`` -> file name of a plain state dict written beside the checkpoint.
         resume: ``False``; ``True`` to continue from ``save_dir/filename``; or the path of a checkpoint.
         extra: constant values stored in every checkpoint (e.g. the latent scale factor).
+        save_on_signals: signal names (default ``SIGTERM``, ``SIGUSR1``: cluster preemption and SLURM's
+            ``--signal`` warning) that save a checkpoint at the end of the current iteration and stop training,
+            on every rank at the same iteration; ``--resume true`` then continues mid-epoch. Empty to disable.
+
+    A checkpoint written mid-epoch records the completed epochs and the iteration, so a resumed run finishes the
+    interrupted epoch with its remaining iterations (their batches are drawn afresh).
     """
+
+    #: the signal number that stopped the last run of this process, or ``None`` (read by ``main.py``)
+    stopped_by: int | None = None
 
     def __init__(
         self,
@@ -52,6 +59,7 @@ class TrainingCheckpoint:
         weights: Mapping[str, str] | None = None,
         resume: bool | str = False,
         extra: Mapping[str, Any] | None = None,
+        save_on_signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
@@ -66,7 +74,12 @@ class TrainingCheckpoint:
             resume = resume.strip().lower() in ("true", "1", "yes")
         self.resume = resume
         self.extra = dict(extra or {})
+        unknown_signals = [name for name in save_on_signals if not hasattr(signal, name)]
+        if unknown_signals:
+            raise ValueError(f"save_on_signals: {unknown_signals} are not signals on this system.")
+        self.save_on_signals = list(save_on_signals)
         self._last_saved_iteration = -1
+        self._received: int | None = None
 
     @property
     def path(self) -> Path:
@@ -78,6 +91,25 @@ class TrainingCheckpoint:
         if self.save_interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        if self.save_on_signals and threading.current_thread() is threading.main_thread():
+            for name in self.save_on_signals:
+                signal.signal(getattr(signal, name), self._on_signal)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_signalled)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # only note it: the checkpoint is written between iterations, never in the middle of an update
+        self._received = signum
+
+    def _stop_if_signalled(self, engine: Engine) -> None:
+        if not any_rank(self._received is not None, getattr(engine.state, "device", "cpu")):
+            return
+        self.save(engine)
+        name = signal.Signals(self._received).name if self._received else "a signal on another rank"
+        TrainingCheckpoint.stopped_by = self._received or signal.SIGTERM
+        if is_main_rank():
+            print(f"stopped by {name} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; checkpoint "
+                  f"saved to {self.path}. Continue with --resume true (or main.py --resume <run folder>).", flush=True)
+        engine.terminate()
 
     def _objects(self, engine: Engine) -> dict[str, Any]:
         objects = dict(self.save_dict)
@@ -88,12 +120,14 @@ class TrainingCheckpoint:
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint and the plain weight files (rank 0 only; once per iteration count)."""
-        if not is_main_process() or engine.state.iteration == self._last_saved_iteration:
+        if not is_main_rank() or engine.state.iteration == self._last_saved_iteration:
             return
         state = {name: unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
                  for name, obj in self._objects(engine).items()}
-        state["engine"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                           "epoch_length": engine.state.epoch_length}
+        length = engine.state.epoch_length
+        mid_epoch = bool(length) and engine.state.iteration % length != 0
+        state["engine"] = {"epoch": engine.state.epoch - 1 if mid_epoch else engine.state.epoch,  # completed epochs
+                           "iteration": engine.state.iteration, "epoch_length": length}
         state.update(self.extra)
         atomic_save(state, self.path)
         for name, fname in self.weights.items():
@@ -138,5 +172,5 @@ class TrainingCheckpoint:
         engine.state.iteration = int(done["iteration"])
         engine.state.epoch = int(done["epoch"])
         self._last_saved_iteration = engine.state.iteration
-        if is_main_process():
-            print(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        if is_main_rank():
+            print(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}", flush=True)

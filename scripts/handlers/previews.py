@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-from scripts.handlers.checkpoint import is_main_process
+from scripts.distributed import is_main_rank
 from scripts.storage import atomic_write_json
 from scripts.visualize import montage, plot_curves
 
@@ -68,7 +68,7 @@ class ReconstructionPreview:
             self._pair = (_first_volume(out[CommonKeys.IMAGE]), _first_volume(out[CommonKeys.PRED]))
 
     def _write(self, engine: Engine) -> None:
-        if self._pair is None or not is_main_process():
+        if self._pair is None or not is_main_rank():
             return
         epoch = engine.state.epoch
         image, recon = self._pair
@@ -120,7 +120,7 @@ class SamplePreview:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _write(self, engine: Engine) -> None:
-        if not is_main_process() or self.num_samples < 1:
+        if not is_main_rank() or self.num_samples < 1:
             return
         from scripts.diffusion import decode_latents, sample_latents
         from scripts.generation import initial_noise
@@ -171,6 +171,6 @@ class LossCurves:
             if values:
                 self.curves[name].append((engine.state.epoch, float(np.mean(values))))
         self._sums = defaultdict(list)
-        if is_main_process():
+        if is_main_rank():
             plot_curves(self.curves, self.path, title=self.title)
             atomic_write_json(self.curves, self.path.with_suffix(".json"))

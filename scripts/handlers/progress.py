@@ -8,7 +8,7 @@ from typing import Any
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
-from scripts.handlers.checkpoint import is_main_process
+from scripts.distributed import is_main_rank
 
 __all__ = ["ProgressBar"]
 
@@ -26,7 +26,7 @@ class ProgressBar:
         self.desc = desc
 
     def attach(self, engine: Engine) -> None:
-        if not is_main_process():
+        if not is_main_rank():
             return
         bar = _IgniteProgressBar(persist=False, desc=self.desc or None, ncols=100)
         bar.attach(engine, output_transform=self.output_transform)
