@@ -39,12 +39,12 @@ def is_distributed() -> bool:
 
 def rank() -> int:
     """Global rank: from the process group when it exists, else ``$RANK`` (0 without torchrun)."""
-    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     """Number of processes: from the process group when it exists, else ``$WORLD_SIZE`` (1 without torchrun)."""
-    return dist.get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
+    return dist.get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_rank() -> bool:
@@ -61,7 +61,7 @@ def print_main(*args, **kwargs) -> None:
 def local_device() -> torch.device:
     """This process's device: ``cuda:$LOCAL_RANK`` (made current) when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")

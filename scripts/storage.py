@@ -129,7 +129,7 @@ def new_run_dir(parent: str | os.PathLike, prefix: str) -> Path:
     returned (``..._rank<r>``) is never made, so a stray write from a non-zero rank would show.
     """
     parent = Path(parent)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         return parent / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_rank{rank}"
     parent.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,17 @@ def overrides_for(tmp: Path, infer: bool = False, generate: bool = False, stage2
             "output_dir": str(tmp / "outputs"), **extra}
 
 
+def torchrun(nproc: int = 2) -> list[str]:
+    """The ``torchrun`` launcher (as ``python -m torch.distributed.run``) for ``nproc`` CPU processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def run_bundle(config_files: str | list[str], overrides: dict, check: bool = True, timeout: int = 600,
-               subcommand: str = "run") -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run --config_file ... --key value`` from the bundle root."""
+               subcommand: str = "run", launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run --config_file ... --key value`` from the bundle root (``launcher``: e.g.
+    :func:`torchrun`, instead of ``python``)."""
     files = config_files if isinstance(config_files, str) else json.dumps(config_files).replace('"', "'")
-    cmd = [sys.executable, "-m", "monai.bundle", subcommand, "--config_file", files]
+    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", subcommand, "--config_file", files]
     for k, v in overrides.items():
         cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -1,0 +1,81 @@
+"""Data-parallel training under torchrun on CPU (Gloo): the multi-GPU overlays, rank-0 writing, lr scaling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scripts import distributed
+from tests.helpers import overrides_for, run_bundle, torchrun
+
+STAGE1 = ["configs/train_autoencoder.json", "configs/multi_gpu_train_autoencoder.json"]
+PROBE = "$list(@train#handlers) + [monai.utils.instantiate('tests.rank_probe.SeenItems', 'default', folder='{folder}')]"
+
+
+@pytest.fixture(scope="module")
+def ddp_stage1(tmp_path_factory):
+    """Two Gloo processes train the tiny autoencoder for 2 epochs, with gradient accumulation."""
+    tmp = tmp_path_factory.mktemp("ddp1")
+    overrides = overrides_for(tmp, max_epochs=2, val_interval=1, save_interval=1, train_batch_size=1,
+                              gradient_accumulation_steps=2, adversarial_warmup_epochs=0,
+                              **{"train#trainer#train_handlers": PROBE.format(folder=tmp / "seen")})
+    proc = run_bundle(STAGE1, overrides, launcher=torchrun(2), timeout=900)
+    return tmp, proc
+
+
+def test_two_processes_train_once_on_disjoint_data(ddp_stage1):
+    tmp, proc = ddp_stage1
+    # one set of checkpoints and one run folder: only rank 0 writes
+    assert sorted(p.name for p in (tmp / "models").iterdir()) == [
+        "checkpoint_autoencoder.pt", "model_autoencoder.pt", "model_autoencoder_best.pt"]
+    runs = list((tmp / "outputs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "loss_curves.png").is_file()
+    assert len(list(runs[0].glob("previews/*.png"))) == 2
+    # each rank drew its own half of the 6 training volumes in each epoch
+    seen = [json.loads((tmp / "seen" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["epochs"] == 2 for s in seen)
+    per_epoch = [set(s["seen"][:3]) for s in seen]
+    assert len(per_epoch[0]) == len(per_epoch[1]) == 3 and not per_epoch[0] & per_epoch[1]
+    # finite losses, logged once
+    curves = json.loads((runs[0] / "loss_curves.json").read_text())
+    assert curves["g_loss"] and all(math.isfinite(v) for _, v in curves["g_loss"])
+    assert proc.stdout.count("stage 1 finished") == 1
+
+
+def test_scaled_learning_rate_in_checkpoint(ddp_stage1):
+    tmp, proc = ddp_stage1
+    state = torch.load(tmp / "models" / "checkpoint_autoencoder.pt", weights_only=True)
+    expected = 0.00025 * 2 * 1 * 2  # base_learning_rate x world size x batch size x accumulation
+    assert state["g_optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+    assert state["d_optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+    assert "world size 2 x batch size 1 x gradient accumulation 2" in proc.stdout
+    assert state["engine"]["epoch"] == 2 and state["engine"]["iteration"] == 6  # 3 iterations per rank per epoch
+
+
+def test_scaled_lr_formula_and_switch(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.scaled_lr(1e-4, batch_size=2, accumulation_steps=3) == pytest.approx(1e-4 * 4 * 2 * 3)
+    assert "world size 4 x batch size 2 x gradient accumulation 3" in capsys.readouterr().out
+    assert distributed.scaled_lr(1e-4, batch_size=2, accumulation_steps=3, scale="false") == 1e-4
+    assert "not scaled" in capsys.readouterr().out
+
+
+def test_rank_facts_from_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.rank() == 1 and distributed.world_size() == 2 and not distributed.is_main_rank()
+    from scripts.storage import new_run_dir
+
+    monkeypatch.chdir("/")
+    path = new_run_dir("/nonexistent-parent", "train_autoencoder")
+    assert path.name.endswith("_rank1") and not path.exists()  # ranks > 0 create nothing
+
+
+def test_overlay_without_torchrun_names_the_fix(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
+        distributed.init_process_group()
