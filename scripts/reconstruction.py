@@ -6,7 +6,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from scripts.distributed import is_main_rank
 from scripts.nifti import save_nifti
 from scripts.storage import atomic_write, atomic_write_json, new_run_dir
 
-__all__ = ["volume_metrics", "ReconstructionWriter"]
+__all__ = ["volume_metrics", "clamped_output", "ReconstructionWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,16 @@ def volume_metrics(
         spatial_dims=spatial_dims, data_range=data_range, kernel_size=ms_ssim_kernel_size, weights=ms_ssim_weights
     )(pred, target)
     return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "ms_ssim": float(ms_ssim.mean())}
+
+
+def clamped_output(data_range: float = 1.0) -> Callable[[Mapping], tuple[torch.Tensor, torch.Tensor]]:
+    """Output transform for the validation metrics: ``(pred clamped to [0, data_range], label)`` of an engine
+    output, so validation scores reconstructions exactly as :func:`volume_metrics` (inference) does."""
+
+    def transform(output: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        return output[CommonKeys.PRED].float().clamp(0, data_range), output[CommonKeys.LABEL].float()
+
+    return transform
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -53,6 +54,18 @@ def test_scaled_learning_rate_in_checkpoint(ddp_stage1):
     assert state["d_optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
     assert "world size 2 x batch size 1 x gradient accumulation 2" in proc.stdout
     assert state["engine"]["epoch"] == 2 and state["engine"]["iteration"] == 6  # 3 iterations per rank per epoch
+
+
+def test_validation_metric_is_reduced_over_both_ranks(ddp_stage1):
+    """Each rank validates one of the 2 validation volumes; the logged PSNR is the mean over both, as a
+    single-process reconstruction of the validation split with the final weights measures it."""
+    tmp, proc = ddp_stage1
+    logged = re.findall(r"Epoch\[2\] Metrics -- .*?val_psnr: ([0-9.]+)", proc.stdout + proc.stderr)
+    assert len(logged) == 1  # rank 0 logs, once
+    run_bundle("configs/inference_autoencoder.json", overrides_for(tmp, infer=True, split="validation"))
+    summary = json.loads(next((tmp / "outputs").glob("reconstruction_*/summary.json")).read_text())
+    assert summary["num_volumes"] == 2
+    assert float(logged[0]) == pytest.approx(summary["psnr"]["mean"], abs=1e-3)
 
 
 def test_scaled_lr_formula_and_switch(monkeypatch, capsys):
