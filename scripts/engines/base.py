@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from scripts.data import PrepareImage
+from scripts.handlers.tracking import adapt_tracking_handlers
 
 __all__ = ["amp_dtype_of", "autocast_context", "NonFiniteLossError", "OptimizerStep", "GenerativeTrainer", "loss_output"]
 
@@ -150,7 +151,7 @@ class GenerativeTrainer(Trainer):
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
+            handlers=adapt_tracking_handlers(train_handlers),  # --tracking mlflow logs our loss terms
             amp=False,  # autocast is handled here, for CPU and CUDA alike
             decollate=False,
             **kwargs,

@@ -4,7 +4,9 @@ from scripts.handlers.checkpoint import TrainingCheckpoint, is_main_process
 from scripts.handlers.ema import EMA
 from scripts.handlers.previews import LossCurves, ReconstructionPreview, SamplePreview
 from scripts.handlers.progress import ProgressBar
+from scripts.handlers.tracking import LossTermsForTracking, adapt_tracking_handlers
 
 __all__ = [
     "EMA", "TrainingCheckpoint", "is_main_process", "LossCurves", "ReconstructionPreview", "SamplePreview", "ProgressBar",
+    "LossTermsForTracking", "adapt_tracking_handlers",
 ]
