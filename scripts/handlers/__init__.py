@@ -7,6 +7,13 @@ from scripts.handlers.progress import ProgressBar
 from scripts.handlers.tracking import LossTermsForTracking, adapt_tracking_handlers
 
 __all__ = [
-    "EMA", "TrainingCheckpoint", "is_main_process", "LossCurves", "ReconstructionPreview", "SamplePreview", "ProgressBar",
-    "LossTermsForTracking", "adapt_tracking_handlers",
+    "EMA",
+    "LossCurves",
+    "LossTermsForTracking",
+    "ProgressBar",
+    "ReconstructionPreview",
+    "SamplePreview",
+    "TrainingCheckpoint",
+    "adapt_tracking_handlers",
+    "is_main_process",
 ]
