@@ -22,6 +22,8 @@ RUN_ARGUMENTS = {
     "config_file", "meta_file", "logging_file", "args_file", "tracking", "init_id", "run_id", "final_id",
     "workflow_type", "workflow_name", "properties_path", "run_name", "net_id", "filepath", "n", "any", "p",
 }
+# top-level keys that `--tracking mlflow` adds to the config (MONAI's DEFAULT_MLFLOW_SETTINGS), so overridable
+RUN_ARGUMENTS |= {"tracking_uri", "experiment_name", "save_execute_config", "is_not_rank0"}
 
 
 def _config_files(value: str) -> list[str]:

@@ -17,7 +17,7 @@ from scripts.nifti import centered_ras_affine, save_nifti
 from scripts.storage import atomic_write_json, file_sha256, load_checkpoint, new_run_dir
 from scripts.visualize import montage
 
-__all__ = ["initial_noise", "generate", "read_training_record"]
+__all__ = ["generate", "initial_noise", "read_training_record"]
 
 
 def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int, device: str | torch.device) -> torch.Tensor:
@@ -35,6 +35,12 @@ def read_training_record(checkpoint_path: str, key: str, override: Any = None) -
     """
     if override is not None:
         return override
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(
+            f"stage-2 checkpoint '{checkpoint_path}' not found; it records the {key} of the diffusion model. "
+            f"Pass --{key} explicitly (stage-2 training prints the scale factor; weights from the Model Zoo BraTS "
+            "bundle were sampled with 1.0), or point --diffusion_checkpoint_path at the stage-2 checkpoint."
+        )
     state = load_checkpoint(checkpoint_path, what=f"stage-2 checkpoint (for {key})")
     if key not in state:
         raise ValueError(f"stage-2 checkpoint '{checkpoint_path}' has no '{key}'; pass --{key} explicitly.")

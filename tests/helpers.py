@@ -53,15 +53,16 @@ def torchrun(nproc: int = 2) -> list[str]:
 
 
 def run_bundle(config_files: str | list[str], overrides: dict, check: bool = True, timeout: int = 600,
-               subcommand: str = "run", launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run --config_file ... --key value`` from the bundle root (``launcher``: e.g.
-    :func:`torchrun`, instead of ``python``)."""
+               subcommand: str = "run", launcher: list[str] | None = None,
+               cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run --config_file ... --key value`` from the bundle root (or ``cwd``);
+    ``launcher``: e.g. :func:`torchrun`, instead of ``python``."""
     files = config_files if isinstance(config_files, str) else json.dumps(config_files).replace('"', "'")
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", subcommand, "--config_file", files]
     for k, v in overrides.items():
         cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -19,8 +19,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from scripts.data import PrepareImage
+from scripts.handlers.tracking import adapt_tracking_handlers
 
-__all__ = ["amp_dtype_of", "autocast_context", "NonFiniteLossError", "OptimizerStep", "GenerativeTrainer", "loss_output"]
+__all__ = ["GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "amp_dtype_of", "autocast_context", "loss_output"]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -132,7 +133,7 @@ class GenerativeTrainer(Trainer):
         train_data_loader: Iterable,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = PrepareImage(),
+        prepare_batch: Callable | None = None,
         inferer: Inferer | None = None,
         iteration_update: Callable | None = None,
         key_train_metric: dict | None = None,
@@ -153,12 +154,12 @@ class GenerativeTrainer(Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
+            prepare_batch=PrepareImage() if prepare_batch is None else prepare_batch,
             iteration_update=iteration_update,
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
+            handlers=adapt_tracking_handlers(train_handlers),  # --tracking mlflow logs our loss terms
             amp=False,  # autocast is handled here, for CPU and CUDA alike
             decollate=False,
             **kwargs,

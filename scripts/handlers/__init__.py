@@ -4,7 +4,15 @@ from scripts.handlers.checkpoint import TrainingCheckpoint
 from scripts.handlers.ema import EMA
 from scripts.handlers.previews import LossCurves, ReconstructionPreview, SamplePreview
 from scripts.handlers.progress import ProgressBar
+from scripts.handlers.tracking import LossTermsForTracking, adapt_tracking_handlers
 
 __all__ = [
-    "EMA", "TrainingCheckpoint", "LossCurves", "ReconstructionPreview", "SamplePreview", "ProgressBar",
+    "EMA",
+    "LossCurves",
+    "LossTermsForTracking",
+    "ProgressBar",
+    "ReconstructionPreview",
+    "SamplePreview",
+    "TrainingCheckpoint",
+    "adapt_tracking_handlers",
 ]
