@@ -17,7 +17,7 @@ from scripts.errors import install_error_summary
 
 __all__ = [
     "checks", "data", "demo", "demo_data", "diffusion", "distributed", "engines", "errors", "generation", "handlers", "latents", "losses",
-    "launch", "networks", "nifti", "reconstruction", "storage", "visualize",
+    "launch", "networks", "nifti", "package", "reconstruction", "storage", "visualize",
 ]
 
 
