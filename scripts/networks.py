@@ -38,18 +38,20 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def downsample_factor(autoencoder: nn.Module) -> int:
-    """Spatial downsampling factor of an ``AutoencoderKL``/``VQVAE`` encoder (2 per level after the first)."""
+    """Spatial downsampling factor of an ``AutoencoderKL`` (2 per level after the first) or ``VQVAE`` encoder (the
+    product of its downsampling strides)."""
     ae = unwrap(autoencoder)
-    for attr in ("channels", "num_channels"):
-        channels = getattr(getattr(ae, "encoder", ae), attr, None)
-        if channels is not None:
-            return 2 ** (len(channels) - 1)
-    downsample = getattr(ae, "downsample_parameters", None)
-    if downsample is not None:  # VQVAE: one stride per level
+    encoder = getattr(ae, "encoder", ae)
+    downsample = getattr(encoder, "downsample_parameters", None)
+    if downsample is not None:  # VQVAE: one strided convolution per level
         factor = 1
         for params in downsample:
             factor *= int(params[0])
         return factor
+    for attr in ("channels", "num_channels"):
+        channels = getattr(encoder, attr, None)
+        if channels is not None:
+            return 2 ** (len(channels) - 1)
     raise TypeError(f"cannot tell the downsampling factor of {type(ae).__name__}")
 
 
@@ -65,7 +67,7 @@ def check_spatial_size(size: Sequence[int], autoencoder: nn.Module, name: str = 
         fixed = [max(factor, round(int(s) / factor) * factor) for s in size]
         raise ValueError(
             f"{name}={list(size)} is not divisible by the autoencoder's downsampling factor {factor} "
-            f"(2 per level of autoencoder_def channels); use e.g. {name}={fixed}."
+            f"(set by autoencoder_def); use e.g. {name}={fixed}."
         )
     return [int(s) for s in size]
 
@@ -118,7 +120,8 @@ def load_weights(network: nn.Module, path: str, key: str | None = None, what: st
 
 
 class AutoencoderReconstruction(nn.Module):
-    """Deterministic reconstruction: image ``(B, C, *spatial)`` -> decode(posterior mean), same shape.
+    """Deterministic reconstruction: image ``(B, C, *spatial)`` -> decode(posterior mean, or nearest codes for a
+    VQ-VAE), same shape.
 
     One tensor in, one tensor out, for ``verify_net_in_out``, evaluators and TorchScript export.
     """
@@ -128,12 +131,16 @@ class AutoencoderReconstruction(nn.Module):
         self.autoencoder = unwrap(autoencoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # AutoencoderKL.reconstruct decodes the posterior mean (encode_stage_2_inputs would sample)
-        return self.autoencoder.reconstruct(x)
+        from scripts.autoencoders import adapt  # imports this module
+
+        return adapt(self.autoencoder).reconstruct(x)
 
 
 class AutoencoderDecoder(nn.Module):
     """Latent ``(B, latent_channels, *latent_spatial)`` -> image ``(B, C, *spatial)``, undoing the scale factor.
+
+    Uses ``decode_stage_2_outputs``: for a ``VQVAE`` that re-quantises, i.e. snaps every latent vector to its
+    nearest code before decoding, so the decoder sees only the inputs it was trained on.
 
     Args:
         autoencoder: the stage-1 autoencoder.
