@@ -24,24 +24,14 @@ from monai.networks.nets import VQVAE
 from torch import nn
 
 from scripts.losses import kl_divergence
-from scripts.networks import unwrap
+from scripts.networks import nearest_codes, unwrap
 
-__all__ = ["KLAutoencoderAdapter", "VQAutoencoderAdapter", "adapt", "is_vector_quantized", "nearest_codes"]
+__all__ = ["KLAutoencoderAdapter", "VQAutoencoderAdapter", "adapt", "is_vector_quantized"]
 
 
 def is_vector_quantized(network: nn.Module) -> bool:
     """Whether ``network`` (possibly DDP-wrapped) is a MONAI ``VQVAE``."""
     return isinstance(unwrap(network), VQVAE)
-
-
-def nearest_codes(autoencoder: VQVAE, z: torch.Tensor) -> torch.Tensor:
-    """Quantise encoder outputs ``z`` ``(B, embedding_dim, *latent)`` to their nearest codebook vectors, same shape.
-
-    Uses the quantizer's pure lookup, so the EMA codebook is not updated even in training mode.
-    """
-    quantizer = autoencoder.quantizer.quantizer
-    _, _, indices = quantizer.quantize(z)
-    return quantizer.embed(indices).to(z.dtype)
 
 
 class KLAutoencoderAdapter:

@@ -27,7 +27,7 @@ from scripts.handlers.checkpoint import is_main_process
 from scripts.networks import unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
-__all__ = ["transform_fingerprint", "cache_key", "encode_items", "cached_latents", "estimate_scale_factor", "PrepareLatents"]
+__all__ = ["PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "transform_fingerprint"]
 
 logger = logging.getLogger(__name__)
 

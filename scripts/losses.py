@@ -14,7 +14,7 @@ import torch
 from monai.losses import JukeboxLoss, PatchAdversarialLoss
 from torch import nn
 
-__all__ = ["kl_divergence", "LocalPerceptualLoss", "AutoencoderLoss"]
+__all__ = ["AutoencoderLoss", "LocalPerceptualLoss", "kl_divergence"]
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

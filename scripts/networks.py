@@ -1,7 +1,7 @@
 """Helpers around MONAI's generative networks: weight loading with clear errors, the autoencoder's
 downsampling factor and thin single-tensor wrappers for ``verify_net_in_out`` and TorchScript export.
 
-The networks themselves are MONAI's (``AutoencoderKL``, ``PatchDiscriminator``, ``DiffusionModelUNet``), defined
+The networks themselves are MONAI's (``AutoencoderKL`` or ``VQVAE``, ``PatchDiscriminator``, ``DiffusionModelUNet``), defined
 once in ``configs/common.json``.
 """
 
@@ -11,22 +11,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 from scripts.storage import load_checkpoint
 
 __all__ = [
-    "unwrap",
-    "downsample_factor",
+    "AutoencoderDecoder",
+    "AutoencoderReconstruction",
+    "DiffusionDenoiser",
+    "LatentDecoder",
+    "TimestepChannelUNet",
+    "VQLatentDecoder",
     "check_spatial_size",
+    "downsample_factor",
     "latent_spatial_shape",
     "load_weights",
-    "AutoencoderReconstruction",
-    "AutoencoderDecoder",
-    "DiffusionDenoiser",
-    "TimestepChannelUNet",
-    "LatentDecoder",
+    "nearest_codes",
+    "unwrap",
 ]
 
 
@@ -196,15 +198,34 @@ class LatentDecoder(AutoencoderKL):
     """Export form of the decoder path: diffusion latent ``(B, C, *latent)`` -> image, ``decode(z / scale_factor)``.
 
     Shares the wrapped autoencoder's modules, so ``model_autoencoder.pt`` loads into it unchanged; the scale factor
-    is a constant of the exported graph.
+    is a constant of the exported graph. ``wrap`` gives a :class:`VQLatentDecoder` for a ``VQVAE``.
     """
 
     @classmethod
-    def wrap(cls, autoencoder: nn.Module, scale_factor: float = 1.0) -> LatentDecoder:
-        obj = cls.__new__(cls)
+    def wrap(cls, autoencoder: nn.Module, scale_factor: float = 1.0) -> LatentDecoder | VQLatentDecoder:
+        target = VQLatentDecoder if isinstance(unwrap(autoencoder), VQVAE) else cls
+        obj = target.__new__(target)
         obj.__dict__ = unwrap(autoencoder).__dict__
         obj.latent_scale_factor = float(scale_factor)
         return obj
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.decode(z / self.latent_scale_factor)
+
+
+class VQLatentDecoder(VQVAE):
+    """Export form of a ``VQVAE``'s decoder path: latent -> image, ``decode(nearest_codes(z / scale_factor))``.
+    Made by :meth:`LatentDecoder.wrap`; shares the wrapped network's modules and state dict."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.decode(nearest_codes(self, z / self.latent_scale_factor))
+
+
+def nearest_codes(autoencoder: VQVAE, z: torch.Tensor) -> torch.Tensor:
+    """Quantise encoder outputs ``z`` ``(B, embedding_dim, *latent)`` to their nearest codebook vectors, same shape.
+
+    Uses the quantizer's pure lookup, so the EMA codebook is not updated even in training mode.
+    """
+    quantizer = unwrap(autoencoder).quantizer.quantizer
+    _, _, indices = quantizer.quantize(z)
+    return quantizer.embed(indices).to(z.dtype)

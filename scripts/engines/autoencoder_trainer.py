@@ -50,7 +50,7 @@ class AutoencoderTrainer(GenerativeTrainer):
         d_optimizer: Optimizer | None = None,
         d_train_steps: int = 1,
         adversarial_warmup_epochs: int = 0,
-        prepare_batch: Callable = PrepareImage(),
+        prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -58,7 +58,7 @@ class AutoencoderTrainer(GenerativeTrainer):
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_data_loader,
-            prepare_batch=prepare_batch,
+            prepare_batch=prepare_batch or PrepareImage(),
             train_handlers=train_handlers,
             stage=kwargs.pop("stage", "stage-1"),
             **kwargs,

@@ -7,6 +7,12 @@ from scripts.handlers.previews import LossCurves, ReconstructionPreview, SampleP
 from scripts.handlers.progress import ProgressBar
 
 __all__ = [
-    "EMA", "TrainingCheckpoint", "is_main_process", "LossCurves", "ReconstructionPreview", "SamplePreview", "ProgressBar",
+    "EMA",
     "CodebookUsage",
+    "LossCurves",
+    "ProgressBar",
+    "ReconstructionPreview",
+    "SamplePreview",
+    "TrainingCheckpoint",
+    "is_main_process",
 ]
