@@ -26,7 +26,7 @@ from torch import nn
 from scripts.losses import kl_divergence
 from scripts.networks import nearest_codes, unwrap
 
-__all__ = ["KLAutoencoderAdapter", "VQAutoencoderAdapter", "adapt", "is_vector_quantized"]
+__all__ = ["AutoencoderAdapter", "KLAutoencoderAdapter", "VQAutoencoderAdapter", "adapt", "is_vector_quantized"]
 
 
 def is_vector_quantized(network: nn.Module) -> bool:
@@ -34,26 +34,42 @@ def is_vector_quantized(network: nn.Module) -> bool:
     return isinstance(unwrap(network), VQVAE)
 
 
-class KLAutoencoderAdapter:
-    """``AutoencoderKL``: KL-regularised, the latent is a diagonal Gaussian posterior.
+class AutoencoderAdapter:
+    """What the bundle needs from a stage-1 network; subclasses implement it for one MONAI network.
 
     Args:
-        autoencoder: the network (a DDP wrapper is kept for the training forward pass).
+        autoencoder: the network; a DDP wrapper is kept for the training forward pass, other methods use the bare
+            network.
     """
-
-    regularisers = ("kl",)
 
     def __init__(self, autoencoder: nn.Module) -> None:
         self.network = autoencoder
         self.autoencoder = unwrap(autoencoder)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training forward pass: image ``(B, C, *spatial)`` -> (reconstruction of a posterior sample, ``{"kl"}``)."""
+        """Training forward pass: image ``(B, C, *spatial)`` -> (reconstruction, same shape; unweighted
+        regularisers by name, scalars)."""
+        raise NotImplementedError
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage-2 latent distribution: mean and standard deviation, each ``(B, latent_channels, *latent_spatial)``."""
+        raise NotImplementedError
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction, image space, same shape as ``images``."""
+        raise NotImplementedError
+
+
+class KLAutoencoderAdapter(AutoencoderAdapter):
+    """``AutoencoderKL``: KL-regularised, the latent is a diagonal Gaussian posterior."""
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruction of a posterior sample and ``{"kl": KL(posterior || N(0, 1))}``."""
         recon, z_mu, z_sigma = self.network(images)
         return recon, {"kl": kl_divergence(z_mu.float(), z_sigma.float())}
 
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and standard deviation, each ``(B, latent_channels, *latent_spatial)``."""
+        """Posterior mean and standard deviation."""
         return self.autoencoder.encode(images)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -61,22 +77,12 @@ class KLAutoencoderAdapter:
         return self.autoencoder.reconstruct(images)
 
 
-class VQAutoencoderAdapter:
-    """``VQVAE``: vector-quantised with an EMA codebook; the latent is the quantised embedding.
-
-    Args:
-        autoencoder: the network (a DDP wrapper is kept for the training forward pass).
-    """
-
-    regularisers = ("quantization",)
-
-    def __init__(self, autoencoder: nn.Module) -> None:
-        self.network = autoencoder
-        self.autoencoder = unwrap(autoencoder)
+class VQAutoencoderAdapter(AutoencoderAdapter):
+    """``VQVAE``: vector-quantised with an EMA codebook; the latent is the quantised embedding."""
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training forward pass: image -> (reconstruction, ``{"quantization"}``: the commitment loss, already
-        multiplied by the quantizer's ``commitment_cost``). In training mode the codebook takes an EMA step."""
+        """Reconstruction and ``{"quantization"}``: the commitment loss, already multiplied by the quantizer's
+        ``commitment_cost``. In training mode the codebook takes an EMA step."""
         recon, quantization_loss = self.network(images)
         return recon, {"quantization": quantization_loss.float()}
 
@@ -87,9 +93,9 @@ class VQAutoencoderAdapter:
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Decode the nearest codes of the encoding."""
-        return self.autoencoder.decode(nearest_codes(self.autoencoder, self.autoencoder.encode(images)))
+        return self.autoencoder.decode(self.posterior(images)[0])
 
 
-def adapt(autoencoder: nn.Module) -> KLAutoencoderAdapter | VQAutoencoderAdapter:
+def adapt(autoencoder: nn.Module) -> AutoencoderAdapter:
     """The adapter for a stage-1 network: :class:`VQAutoencoderAdapter` for a ``VQVAE``, else the KL one."""
     return VQAutoencoderAdapter(autoencoder) if is_vector_quantized(autoencoder) else KLAutoencoderAdapter(autoencoder)
