@@ -1,8 +1,8 @@
 """Helpers around MONAI's generative networks: weight loading with clear errors, the autoencoder's
 downsampling factor and thin single-tensor wrappers for ``verify_net_in_out`` and TorchScript export.
 
-The networks themselves are MONAI's (``AutoencoderKL`` or ``VQVAE``, ``PatchDiscriminator``, ``DiffusionModelUNet``), defined
-once in ``configs/common.json``.
+The networks themselves are MONAI's (``AutoencoderKL`` or ``VQVAE``, ``PatchDiscriminator``,
+``DiffusionModelUNet``), defined once in ``configs/common.json`` (the ``VQVAE`` in the ``configs/vqvae.json`` overlay).
 """
 
 from __future__ import annotations

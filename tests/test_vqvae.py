@@ -27,6 +27,7 @@ VQ_RECON = ["configs/inference_autoencoder.json", "configs/vqvae.json"]
 VQ_STAGE2 = ["configs/train_autoencoder.json", "configs/vqvae.json", "configs/train_diffusion.json"]
 VQ_GENERATE = ["configs/inference.json", "configs/vqvae.json"]
 TINY_VQ = {"vq_channels": [8, 8], "vq_num_embeddings": 16}
+CODEBOOK = "quantizer.quantizer.embedding.weight"  # state-dict key of the VQVAE's codebook
 
 
 def tiny_vqvae(levels: int = 2, num_embeddings: int = 16) -> VQVAE:
@@ -38,7 +39,8 @@ def tiny_vqvae(levels: int = 2, num_embeddings: int = 16) -> VQVAE:
 
 def _is_codebook_vector(latent: torch.Tensor, codebook: torch.Tensor) -> bool:
     flat = latent.movedim(1, -1).reshape(-1, codebook.shape[1])
-    return bool((torch.cdist(flat, codebook, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values < 1e-5).all())
+    distance = torch.cdist(flat, codebook, compute_mode="donot_use_mm_for_euclid_dist")
+    return bool((distance.min(dim=1).values < 1e-5).all())
 
 
 def test_one_adapter_interface_for_kl_and_vq_autoencoders():
@@ -132,7 +134,7 @@ def test_vq_stage1_trains_with_quantisation_loss_and_logs_codebook_usage(vq_trai
 
     tmp, stage1, _ = vq_trained
     weights = torch.load(tmp / "models" / "model_autoencoder.pt", weights_only=True)
-    assert "quantizer.quantizer.embedding.weight" in weights and weights["quantizer.quantizer.embedding.weight"].shape == (16, 4)
+    assert weights[CODEBOOK].shape == (16, 4)
     run_dir = max((tmp / "outputs").glob("train_autoencoder_*"))
     curves = json.loads((run_dir / "loss_curves.json").read_text())
     assert "quantization" in curves and "kl" not in curves and len(curves["d_loss"]) == 1
@@ -155,7 +157,7 @@ def test_vq_stage2_and_generation_run_on_quantised_latents(vq_trained):
     assert f"latent scale factor: {round(state['scale_factor'], 5)}" in stage2.stdout
     cache = max((tmp / "cache").glob("latents_training_*.pt"))
     cached = torch.load(cache, weights_only=True)
-    codebook = torch.load(tmp / "models" / "model_autoencoder.pt", weights_only=True)["quantizer.quantizer.embedding.weight"]
+    codebook = torch.load(tmp / "models" / "model_autoencoder.pt", weights_only=True)[CODEBOOK]
     assert float(cached[0]["z_sigma"].abs().max()) == 0.0 and _is_codebook_vector(cached[0]["z_mu"][None], codebook)
 
     ov = overrides_for(tmp, generate=True, num_samples=2, sampler="ddim", num_inference_steps=3, **TINY_VQ)
