@@ -1,8 +1,10 @@
 """Python side of the 3D latent diffusion bundle: configs in ``configs/`` wire these modules.
 
 Modules by role: ``demo_data`` and ``data`` (datalists, demo volumes, batch preparation), ``networks`` and
-``losses``, ``engines`` (trainers), ``handlers`` (checkpoints, previews, progress), ``reconstruction`` (stage-1
-inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``), ``checks`` (config validation), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
+``losses``, ``autoencoders`` (one interface for the KL and VQ stage-1 networks), ``engines`` (trainers),
+``handlers`` (checkpoints, previews, progress, codebook usage), ``reconstruction`` (stage-1 inference),
+``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``), ``package`` (Model Zoo zip), ``checks``
+(config validation), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
 
 Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
 ``python -m scripts.demo_data`` stays light.
@@ -16,8 +18,9 @@ from typing import Any
 from scripts.errors import install_error_summary
 
 __all__ = [
-    "checks", "data", "demo", "demo_data", "diffusion", "distributed", "engines", "errors", "generation", "handlers", "latents", "losses",
-    "launch", "networks", "nifti", "package", "reconstruction", "storage", "visualize",
+    "autoencoders", "checks", "data", "demo", "demo_data", "diffusion", "distributed", "engines", "errors",
+    "generation", "handlers", "latents", "launch", "losses", "networks", "nifti", "package", "reconstruction",
+    "storage", "visualize",
 ]
 
 

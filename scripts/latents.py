@@ -2,6 +2,7 @@
 
 The cache stores each volume's posterior mean and standard deviation (not one sampled latent, which would make
 the diffusion model fit a single draw and floor its loss); every iteration samples ``mu + sigma * eps`` afresh.
+For a VQ-VAE the "posterior" is the quantised embedding with ``sigma = 0`` (see :mod:`scripts.autoencoders`).
 A cache file is keyed by a hash of the autoencoder weights, the preprocessing and the items, so a new autoencoder
 or a new transform chain makes a new cache instead of reusing a stale one.
 """
@@ -21,11 +22,12 @@ from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
+from scripts.autoencoders import adapt
 from scripts.distributed import is_main_rank
 from scripts.networks import unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
-__all__ = ["transform_fingerprint", "cache_key", "encode_items", "cached_latents", "estimate_scale_factor", "PrepareLatents"]
+__all__ = ["PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "transform_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ def encode_items(
 ) -> list[dict]:
     """Preprocess and encode each item; return ``{"z_mu", "z_sigma", "source"}`` dicts, tensors ``(C, *latent)`` on CPU."""
     ae = unwrap(autoencoder).eval()
+    encoder = adapt(ae)
     iterator = items
     if progress and is_main_rank():
         from tqdm import tqdm
@@ -89,7 +92,7 @@ def encode_items(
         for item in iterator:
             image = transform(dict(item))[image_key]
             image = _plain(image).float()[None].to(device)
-            z_mu, z_sigma = ae.encode(image)
+            z_mu, z_sigma = encoder.posterior(image)
             out.append({"z_mu": _plain(z_mu[0]).float().cpu(), "z_sigma": _plain(z_sigma[0]).float().cpu(),
                         "source": str(item[image_key])})
     return out
@@ -162,7 +165,7 @@ class PrepareLatents(PrepareBatch):
         ae = unwrap(self.autoencoder).eval()
         with torch.no_grad():
             image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking).float()
-            z_mu, z_sigma = ae.encode(image)
+            z_mu, z_sigma = adapt(ae).posterior(image)
         return z_mu, z_sigma
 
 

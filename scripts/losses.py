@@ -1,4 +1,5 @@
-"""Stage-1 losses: reconstruction + KL + adversarial (least squares) + optional perceptual and spectral terms.
+"""Stage-1 losses: reconstruction + KL or quantisation + adversarial (least squares) + optional perceptual and
+spectral terms.
 
 ``AutoencoderLoss`` returns every term separately, so that the trainer can log each one and name the one that
 went non-finite. Weights are constructor arguments, set in the config (never module globals).
@@ -7,12 +8,13 @@ went non-finite. Weights are constructor arguments, set in the config (never mod
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from monai.losses import JukeboxLoss, PatchAdversarialLoss
 from torch import nn
 
-__all__ = ["kl_divergence", "LocalPerceptualLoss", "AutoencoderLoss"]
+__all__ = ["AutoencoderLoss", "LocalPerceptualLoss", "kl_divergence"]
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -97,16 +99,18 @@ class LocalPerceptualLoss(nn.Module):
 
 
 class AutoencoderLoss(nn.Module):
-    """Generator and discriminator objectives of a KL-regularised VAE-GAN (Rombach et al. 2022, sec. 3).
+    """Generator and discriminator objectives of a VAE-GAN (Rombach et al. 2022, sec. 3), KL-regularised or
+    vector-quantised (van den Oord et al. 2017).
 
     Args:
-        kl_weight: weight of the KL term.
+        kl_weight: weight of the KL term (``AutoencoderKL``).
         adversarial_weight: weight of the generator's least-squares adversarial term.
         perceptual_weight: weight of the perceptual term; needs ``perceptual_network``.
         spectral_weight: weight of the spectral (Jukebox, FFT magnitude) term; 0 switches it off.
         perceptual_network: a module ``(recon, target) -> scalar``, e.g. :class:`LocalPerceptualLoss`.
         spatial_dims: spatial dimensions of the images (for the spectral loss).
         reconstruction: ``"l1"`` or ``"l2"``.
+        quantization_weight: weight of the VQ-VAE's quantisation (commitment) loss (``VQVAE``).
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class AutoencoderLoss(nn.Module):
         perceptual_network: nn.Module | None = None,
         spatial_dims: int = 3,
         reconstruction: str = "l1",
+        quantization_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if perceptual_weight > 0 and perceptual_network is None:
@@ -128,6 +133,7 @@ class AutoencoderLoss(nn.Module):
         if reconstruction not in ("l1", "l2"):
             raise ValueError(f"reconstruction must be 'l1' or 'l2', got '{reconstruction}'.")
         self.kl_weight = kl_weight
+        self.quantization_weight = quantization_weight
         self.adversarial_weight = adversarial_weight
         self.perceptual_weight = perceptual_weight
         self.spectral_weight = spectral_weight
@@ -140,8 +146,7 @@ class AutoencoderLoss(nn.Module):
         self,
         recon: torch.Tensor,
         target: torch.Tensor,
-        z_mu: torch.Tensor,
-        z_sigma: torch.Tensor,
+        regularisers: Mapping[str, torch.Tensor],
         fake_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Weighted generator loss terms; their sum is the generator loss.
@@ -149,11 +154,19 @@ class AutoencoderLoss(nn.Module):
         Args:
             recon: reconstruction, image space ``(B, C, *spatial)``.
             target: input image, same shape.
-            z_mu: posterior mean, latent space.
-            z_sigma: posterior standard deviation, latent space.
+            regularisers: unweighted latent regularisers by name, ``"kl"`` and/or ``"quantization"`` (scalars), as
+                :mod:`scripts.autoencoders` adapters return them.
             fake_logits: discriminator logits of ``recon``; ``None`` during the adversarial warm-up.
+
+        Raises:
+            KeyError: a regulariser this loss has no weight for.
         """
-        terms = {"recon": self.reconstruction(recon, target), "kl": self.kl_weight * kl_divergence(z_mu, z_sigma)}
+        weights = {"kl": self.kl_weight, "quantization": self.quantization_weight}
+        terms = {"recon": self.reconstruction(recon, target)}
+        for name, value in regularisers.items():
+            if name not in weights:
+                raise KeyError(f"no weight for the latent regulariser '{name}'; known: {sorted(weights)}.")
+            terms[name] = weights[name] * value
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual_weight * self.perceptual(recon, target)
         if self.spectral is not None:

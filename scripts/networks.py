@@ -1,8 +1,8 @@
 """Helpers around MONAI's generative networks: weight loading with clear errors, the autoencoder's
 downsampling factor and thin single-tensor wrappers for ``verify_net_in_out`` and TorchScript export.
 
-The networks themselves are MONAI's (``AutoencoderKL``, ``PatchDiscriminator``, ``DiffusionModelUNet``), defined
-once in ``configs/common.json``.
+The networks themselves are MONAI's (``AutoencoderKL`` or ``VQVAE``, ``PatchDiscriminator``,
+``DiffusionModelUNet``), defined once in ``configs/common.json`` (the ``VQVAE`` in the ``configs/vqvae.json`` overlay).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 from scripts.storage import load_checkpoint
@@ -25,11 +25,13 @@ __all__ = [
     "DiffusionDenoiser",
     "LatentDecoder",
     "TimestepChannelUNet",
+    "VQLatentDecoder",
     "check_spatial_size",
     "downsample_factor",
     "is_legacy_state_dict",
     "latent_spatial_shape",
     "load_weights",
+    "nearest_codes",
     "unwrap",
 ]
 
@@ -42,18 +44,20 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def downsample_factor(autoencoder: nn.Module) -> int:
-    """Spatial downsampling factor of an ``AutoencoderKL``/``VQVAE`` encoder (2 per level after the first)."""
+    """Spatial downsampling factor of an ``AutoencoderKL`` (2 per level after the first) or ``VQVAE`` encoder (the
+    product of its downsampling strides)."""
     ae = unwrap(autoencoder)
-    for attr in ("channels", "num_channels"):
-        channels = getattr(getattr(ae, "encoder", ae), attr, None)
-        if channels is not None:
-            return 2 ** (len(channels) - 1)
-    downsample = getattr(ae, "downsample_parameters", None)
-    if downsample is not None:  # VQVAE: one stride per level
+    encoder = getattr(ae, "encoder", ae)
+    downsample = getattr(encoder, "downsample_parameters", None)
+    if downsample is not None:  # VQVAE: one strided convolution per level
         factor = 1
         for params in downsample:
             factor *= int(params[0])
         return factor
+    for attr in ("channels", "num_channels"):
+        channels = getattr(encoder, attr, None)
+        if channels is not None:
+            return 2 ** (len(channels) - 1)
     raise TypeError(f"cannot tell the downsampling factor of {type(ae).__name__}")
 
 
@@ -69,7 +73,7 @@ def check_spatial_size(size: Sequence[int], autoencoder: nn.Module, name: str = 
         fixed = [max(factor, round(int(s) / factor) * factor) for s in size]
         raise ValueError(
             f"{name}={list(size)} is not divisible by the autoencoder's downsampling factor {factor} "
-            f"(2 per level of autoencoder_def channels); use e.g. {name}={fixed}."
+            f"(set by autoencoder_def); use e.g. {name}={fixed}."
         )
     return [int(s) for s in size]
 
@@ -193,7 +197,8 @@ def load_weights(network: nn.Module, path: str, key: str | None = None, what: st
 
 
 class AutoencoderReconstruction(nn.Module):
-    """Deterministic reconstruction: image ``(B, C, *spatial)`` -> decode(posterior mean), same shape.
+    """Deterministic reconstruction: image ``(B, C, *spatial)`` -> decode(posterior mean, or nearest codes for a
+    VQ-VAE), same shape.
 
     One tensor in, one tensor out, for ``verify_net_in_out``, evaluators and TorchScript export.
     """
@@ -203,12 +208,16 @@ class AutoencoderReconstruction(nn.Module):
         self.autoencoder = unwrap(autoencoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # AutoencoderKL.reconstruct decodes the posterior mean (encode_stage_2_inputs would sample)
-        return self.autoencoder.reconstruct(x)
+        from scripts.autoencoders import adapt  # imports this module
+
+        return adapt(self.autoencoder).reconstruct(x)
 
 
 class AutoencoderDecoder(nn.Module):
     """Latent ``(B, latent_channels, *latent_spatial)`` -> image ``(B, C, *spatial)``, undoing the scale factor.
+
+    Uses ``decode_stage_2_outputs``: for a ``VQVAE`` that re-quantises, i.e. snaps every latent vector to its
+    nearest code before decoding, so the decoder sees only the inputs it was trained on.
 
     Args:
         autoencoder: the stage-1 autoencoder.
@@ -264,15 +273,34 @@ class LatentDecoder(AutoencoderKL):
     """Export form of the decoder path: diffusion latent ``(B, C, *latent)`` -> image, ``decode(z / scale_factor)``.
 
     Shares the wrapped autoencoder's modules, so ``model_autoencoder.pt`` loads into it unchanged; the scale factor
-    is a constant of the exported graph.
+    is a constant of the exported graph. ``wrap`` gives a :class:`VQLatentDecoder` for a ``VQVAE``.
     """
 
     @classmethod
-    def wrap(cls, autoencoder: nn.Module, scale_factor: float = 1.0) -> LatentDecoder:
-        obj = cls.__new__(cls)
+    def wrap(cls, autoencoder: nn.Module, scale_factor: float = 1.0) -> LatentDecoder | VQLatentDecoder:
+        target = VQLatentDecoder if isinstance(unwrap(autoencoder), VQVAE) else cls
+        obj = target.__new__(target)
         obj.__dict__ = unwrap(autoencoder).__dict__
         obj.latent_scale_factor = float(scale_factor)
         return obj
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.decode(z / self.latent_scale_factor)
+
+
+class VQLatentDecoder(VQVAE):
+    """Export form of a ``VQVAE``'s decoder path: latent -> image, ``decode(nearest_codes(z / scale_factor))``.
+    Made by :meth:`LatentDecoder.wrap`; shares the wrapped network's modules and state dict."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.decode(nearest_codes(self, z / self.latent_scale_factor))
+
+
+def nearest_codes(autoencoder: VQVAE, z: torch.Tensor) -> torch.Tensor:
+    """Quantise encoder outputs ``z`` ``(B, embedding_dim, *latent)`` to their nearest codebook vectors, same shape.
+
+    Uses the quantizer's pure lookup, so the EMA codebook is not updated even in training mode.
+    """
+    quantizer = unwrap(autoencoder).quantizer.quantizer
+    _, _, indices = quantizer.quantize(z)
+    return quantizer.embed(indices).to(z.dtype)

@@ -10,6 +10,7 @@ from monai.utils import CommonKeys
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.autoencoders import adapt
 from scripts.data import PrepareImage, image_from_batch
 from scripts.engines.base import GenerativeTrainer, OptimizerStep
 from scripts.losses import AutoencoderLoss
@@ -21,12 +22,14 @@ __all__ = ["AutoencoderTrainer"]
 class AutoencoderTrainer(GenerativeTrainer):
     """One generator step, then ``d_train_steps`` discriminator steps, per iteration.
 
-    The adversarial terms start after ``adversarial_warmup_epochs`` epochs of reconstruction + KL training.
+    The network is driven through its :func:`scripts.autoencoders.adapt` adapter, so ``AutoencoderKL`` (KL term) and
+    ``VQVAE`` (quantisation term) train with the same code. The adversarial terms start after
+    ``adversarial_warmup_epochs`` epochs of reconstruction + latent-regulariser training.
     ``engine.state.output`` holds ``image``, ``pred`` (the reconstruction), ``loss`` (generator loss) and
     ``losses`` (every term as a float, for logging).
 
     Args:
-        g_network: the autoencoder; ``forward(x)`` returns ``(reconstruction, z_mu, z_sigma)``.
+        g_network: the autoencoder, ``AutoencoderKL`` or ``VQVAE``.
         g_optimizer: its optimiser.
         d_network: the patch discriminator; ``None`` trains without adversarial loss.
         d_optimizer: its optimiser.
@@ -48,7 +51,7 @@ class AutoencoderTrainer(GenerativeTrainer):
         d_optimizer: Optimizer | None = None,
         d_train_steps: int = 1,
         adversarial_warmup_epochs: int = 0,
-        prepare_batch: Callable = PrepareImage(),
+        prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -56,7 +59,7 @@ class AutoencoderTrainer(GenerativeTrainer):
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_data_loader,
-            prepare_batch=prepare_batch,
+            prepare_batch=prepare_batch or PrepareImage(),
             train_handlers=train_handlers,
             stage=kwargs.pop("stage", "stage-1"),
             **kwargs,
@@ -64,6 +67,7 @@ class AutoencoderTrainer(GenerativeTrainer):
         if (d_network is None) != (d_optimizer is None):
             raise ValueError("give both d_network and d_optimizer, or neither.")
         self.g_network = g_network
+        self.g_adapter = adapt(g_network)
         self.d_network = d_network
         self.loss_function = loss_function
         self.d_train_steps = int(d_train_steps)
@@ -105,9 +109,9 @@ class AutoencoderTrainer(GenerativeTrainer):
 
         engine.g_network.train()
         with engine.autocast():
-            recon, z_mu, z_sigma = engine.inferer(images, engine.g_network)
+            recon, regularisers = engine.inferer(images, engine.g_adapter)
             fake_logits = engine.frozen_discriminator_logits(recon.float()) if adversarial else None
-            terms = engine.loss_function.generator_terms(recon.float(), images, z_mu.float(), z_sigma.float(), fake_logits)
+            terms = engine.loss_function.generator_terms(recon.float(), images, regularisers, fake_logits)
         g_loss = torch.stack([t.float() for t in terms.values()]).sum()
         engine.check_finite({**terms, "generator": g_loss})
         engine.g_step.backward(g_loss, sync=step_now)

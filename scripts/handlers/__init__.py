@@ -1,6 +1,7 @@
-"""Ignite/MONAI handlers of the bundle: checkpoints and resume, previews and loss curves, progress."""
+"""Ignite/MONAI handlers of the bundle: checkpoints and resume, previews and loss curves, progress, VQ codebook usage."""
 
 from scripts.handlers.checkpoint import TrainingCheckpoint
+from scripts.handlers.codebook import CodebookUsage
 from scripts.handlers.ema import EMA
 from scripts.handlers.previews import LossCurves, ReconstructionPreview, SamplePreview
 from scripts.handlers.progress import ProgressBar
@@ -8,6 +9,7 @@ from scripts.handlers.tracking import LossTermsForTracking, adapt_tracking_handl
 
 __all__ = [
     "EMA",
+    "CodebookUsage",
     "LossCurves",
     "LossTermsForTracking",
     "ProgressBar",
