@@ -69,6 +69,7 @@ def load_datalist(
     keys: Sequence[str] = ("image",),
     check_files: bool = True,
     allow_empty: bool = False,
+    keep_records: bool = False,
 ) -> list[dict]:
     """Load one split of a Decathlon-style datalist, with every listed file checked to exist.
 
@@ -79,6 +80,8 @@ def load_datalist(
         keys: item keys that hold file paths to check.
         check_files: check existence and readability of every file under ``keys``.
         allow_empty: return an empty list for a missing or empty split instead of raising.
+        keep_records: keep nested per-subject records (e.g. the demo's ``params``), which batches cannot collate;
+            evaluation reads them.
 
     Raises:
         KeyError: the split is missing or empty (unless ``allow_empty``).
@@ -97,7 +100,8 @@ def load_datalist(
     items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=base_dir)
     # nested per-subject records (e.g. the demo data's generating parameters) cannot be collated into batches;
     # they stay in the JSON for evaluation
-    items = [{k: v for k, v in item.items() if not isinstance(v, (dict, list))} for item in items]
+    if not keep_records:
+        items = [{k: v for k, v in item.items() if not isinstance(v, (dict, list))} for item in items]
     if check_files:
         check_items(items, keys, f"datalist '{datalist}' split '{split}'")
     return items
@@ -243,8 +247,10 @@ def inference_items(
     datalist: str | None = None,
     demo_dir: str | None = None,
     demo: Mapping | None = None,
+    keep_records: bool = False,
 ) -> list[dict]:
-    """The volumes an inference workflow processes: ``files`` when given, else one split of the datalist.
+    """The volumes an inference workflow processes: ``files`` when given, else one split of the datalist
+    (with its per-subject records when ``keep_records``).
 
     Args:
         files: image paths (any format MONAI's ``LoadImage`` reads); ``None`` or empty uses the datalist.
@@ -261,4 +267,5 @@ def inference_items(
                 raise FileNotFoundError(f"input file '{item['image']}' not found. Fix the 'files' list.")
             check_readable(item["image"])
         return items
-    return load_datalist(resolve_datalist(dataset_dir, datalist, demo_dir, demo), split, base_dir=dataset_dir)
+    return load_datalist(resolve_datalist(dataset_dir, datalist, demo_dir, demo), split, base_dir=dataset_dir,
+                         keep_records=keep_records)

@@ -13,7 +13,7 @@ from tests.helpers import ROOT
 
 SCHEMA = ROOT.parent / "shared" / "schema" / "meta_schema_20240725.json"
 WORKFLOWS = ["configs/train_autoencoder.json", "configs/inference_autoencoder.json"]
-MACRO_WORKFLOWS = [*WORKFLOWS, "configs/inference.json"]
+MACRO_WORKFLOWS = [*WORKFLOWS, "configs/inference.json", "configs/evaluate.json"]
 STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
 
 
