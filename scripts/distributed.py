@@ -17,18 +17,18 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "is_distributed",
-    "rank",
-    "world_size",
-    "is_main_rank",
-    "print_main",
-    "local_device",
-    "init_process_group",
-    "destroy_process_group",
-    "wrap_ddp",
-    "scaled_lr",
-    "broadcast_float",
     "any_rank",
+    "broadcast_float",
+    "destroy_process_group",
+    "init_process_group",
+    "is_distributed",
+    "is_main_rank",
+    "local_device",
+    "print_main",
+    "rank",
+    "scaled_lr",
+    "world_size",
+    "wrap_ddp",
 ]
 
 

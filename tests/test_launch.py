@@ -33,7 +33,7 @@ def run_main(args: list[str], cwd: Path, launcher: list[str] | None = None, chec
              timeout: int = 900) -> subprocess.CompletedProcess:
     """``python main.py ...`` (or under ``launcher``) from ``cwd``, outside the bundle root as users may."""
     cmd = [*(launcher or [sys.executable]), MAIN, *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureChannelFirst, GaussianSmooth, LoadImage, Orientation
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    GaussianSmooth,
+    LoadImage,
+    Orientation,
+)
 
 from scripts.evaluation import known_truth
 from scripts.evaluation.features import FeatureExtractor
@@ -42,8 +48,16 @@ from scripts.evaluation.metrics import (
 )
 from scripts.storage import atomic_write_json, new_run_dir
 
-__all__ = ["EvaluationError", "generated_files", "load_generated", "load_real", "control_sets", "evaluate_sets",
-           "run_evaluation", "write_eval_metrics_to"]
+__all__ = [
+    "EvaluationError",
+    "control_sets",
+    "evaluate_sets",
+    "generated_files",
+    "load_generated",
+    "load_real",
+    "run_evaluation",
+    "write_eval_metrics_to",
+]
 
 logger = logging.getLogger(__name__)
 SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")

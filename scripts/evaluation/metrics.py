@@ -14,13 +14,13 @@ from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric
 
 __all__ = [
     "MSSSIM",
-    "ms_ssim_diversity",
     "fid",
+    "histogram_distance",
     "mmd",
+    "ms_ssim_diversity",
+    "nearest_neighbours",
     "precision_recall",
     "wasserstein_1d",
-    "histogram_distance",
-    "nearest_neighbours",
 ]
 
 

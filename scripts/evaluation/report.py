@@ -12,7 +12,7 @@ import torch
 from scripts.storage import atomic_write
 from scripts.visualize import _pyplot, montage, plot_curves
 
-__all__ = ["write_report", "read_run_curves"]
+__all__ = ["read_run_curves", "write_report"]
 
 LOWER_IS_BETTER = ("FID", "MMD", "histogram W1")
 
@@ -23,7 +23,9 @@ def read_run_curves(run: str | Path) -> dict[str, list[tuple[float, float]]]:
     curves: dict[str, list[tuple[float, float]]] = {}
     events = sorted(run.glob("events.out.tfevents.*"))
     if events:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         for event_file in events:
             acc = EventAccumulator(str(event_file))
