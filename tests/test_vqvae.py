@@ -119,10 +119,10 @@ def test_dead_codes_are_counted_logged_and_reinitialised_from_encoder_outputs():
 
 @pytest.fixture(scope="module")
 def vq_trained(tmp_path_factory):
-    """A tiny VQ-VAE stage 1 (2 epochs, dead-code re-initialisation on) and a tiny stage 2 on its latents."""
+    """A tiny VQ-VAE stage 1 (2 epochs; the overlay switches dead-code re-initialisation on) and a tiny stage 2 on its latents."""
     tmp = tmp_path_factory.mktemp("vqvae")
     stage1 = run_bundle(VQ_TRAIN, overrides_for(tmp, max_epochs=2, val_interval=2, lr=1e-3, adversarial_warmup_epochs=1,
-                                                vq_reinit_dead_codes=True, **TINY_VQ))
+                                                **TINY_VQ))
     stage2 = run_bundle(VQ_STAGE2, overrides_for(tmp, stage2=True, max_epochs=2, val_interval=2, train_batch_size=2,
                                                  val_batch_size=2, preview_steps=3, preview_num_samples=1,
                                                  lr_warmup_iterations=2, **TINY_VQ))
@@ -139,6 +139,7 @@ def test_vq_stage1_trains_with_quantisation_loss_and_logs_codebook_usage(vq_trai
     curves = json.loads((run_dir / "loss_curves.json").read_text())
     assert "quantization" in curves and "kl" not in curves and len(curves["d_loss"]) == 1
     assert "Metrics -- codebook_dead_codes" in stage1.stdout and "codebook_perplexity" in stage1.stdout
+    assert "codebook: re-initialised" in stage1.stdout  # configs/vqvae.json switches re-initialisation on
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert {"codebook_perplexity", "codebook_dead_codes", "codebook_reinitialised"} <= set(events.Tags()["scalars"])
