@@ -53,9 +53,10 @@ def test_verify_net_in_out_diffusion_unet():
 
 @pytest.mark.parametrize("config_file,workflow_type", [(WORKFLOWS[0], "train"), (WORKFLOWS[1], "infer")],
                          ids=["stage1", "reconstruction"])
-def test_workflow_properties(config_file, workflow_type):
+def test_workflow_properties(config_file, workflow_type, tmp_path):
+    # bundle_root in tmp_path: resolving the trainer writes demo data and a run folder, never into the checkout
     wf = ConfigWorkflow(config_file=config_file, meta_file="configs/metadata.json", logging_file=False,
-                        workflow_type=workflow_type)
+                        workflow_type=workflow_type, bundle_root=str(tmp_path), demo_size=32, demo_num_subjects=6)
     wf.parser.parse()  # properties are checked on the parsed config; the initialize expressions need weights
     wf._is_initialized = True
     assert wf.check_properties() in (None, [])
