@@ -203,7 +203,12 @@ def build_unet(device: torch.device) -> torch.nn.Module:
 
 def build_scheduler(name: str, size: int) -> torch.nn.Module:
     """``schedulers#<name>`` of ``configs/common.json`` (epsilon prediction)."""
-    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, RFlowScheduler
+    from monai.networks.schedulers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        PNDMScheduler,
+        RFlowScheduler,
+    )
 
     beta = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195,
             "prediction_type": "epsilon"}

@@ -20,7 +20,7 @@ from monai.engines.utils import PrepareBatch
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys
 
-__all__ = ["resolve_datalist", "load_datalist", "check_readable", "SelectChanneld", "PrepareImage"]
+__all__ = ["PrepareImage", "SelectChanneld", "check_readable", "load_datalist", "resolve_datalist"]
 
 DATALIST_NAMES = ("datalist.json", "dataset.json")
 
@@ -173,7 +173,7 @@ def check_readable(path: str | os.PathLike) -> None:
             from monai.transforms import LoadImage
 
             LoadImage(image_only=True)(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes one message
+    except Exception as e:
         raise ValueError(
             f"cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             "Replace or remove it from the datalist."

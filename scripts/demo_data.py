@@ -59,9 +59,9 @@ __all__ = [
     "GENERATOR_VERSION",
     "LABELS",
     "demo_affine",
-    "make_subject",
-    "make_demo_dataset",
     "ensure_demo_data",
+    "make_demo_dataset",
+    "make_subject",
 ]
 
 #: Bump whenever the generated images change, so that ``ensure_demo_data`` regenerates old data.

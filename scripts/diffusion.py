@@ -15,7 +15,7 @@ from torch import nn
 
 from scripts.networks import AutoencoderDecoder
 
-__all__ = ["pick_scheduler", "sample_timesteps", "diffusion_target", "sample_latents", "decode_latents", "sample_generators"]
+__all__ = ["decode_latents", "diffusion_target", "pick_scheduler", "sample_generators", "sample_latents", "sample_timesteps"]
 
 
 def pick_scheduler(schedulers: Mapping[str, nn.Module], name: str, key: str = "sampler") -> nn.Module:

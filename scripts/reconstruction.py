@@ -21,7 +21,7 @@ from scripts.distributed import is_main_rank
 from scripts.nifti import save_nifti
 from scripts.storage import atomic_write, atomic_write_json, new_run_dir
 
-__all__ = ["volume_metrics", "clamped_output", "ReconstructionWriter"]
+__all__ = ["ReconstructionWriter", "clamped_output", "volume_metrics"]
 
 logger = logging.getLogger(__name__)
 

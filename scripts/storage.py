@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 __all__ = [
-    "atomic_write",
     "atomic_save",
+    "atomic_write",
     "atomic_write_json",
-    "load_checkpoint",
     "file_sha256",
+    "load_checkpoint",
     "new_run_dir",
     "unique_path",
 ]
@@ -91,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
+    except Exception as e:
         raise ValueError(
             f"cannot load {what} from '{path}' with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "The file is corrupt or not a PyTorch checkpoint; re-train or re-export it."

@@ -64,7 +64,7 @@ def test_resume_continues_epoch_count(trained, tmp_path):
 
 
 def test_reconstruction_writes_nifti_with_source_affine_and_never_overwrites(trained):
-    tmp, ov, _ = trained
+    tmp, _ov, _ = trained
     infer_ov = overrides_for(tmp, infer=True)
     run_bundle(INFER, infer_ov)
     run_bundle(INFER, infer_ov)

@@ -44,7 +44,7 @@ def test_stage2_writes_weights_cache_previews_and_scale_factor(trained):
     assert [c.split("_")[1] for c in caches] == ["training", "validation"]
     cached = torch.load(tmp / "cache" / caches[0], weights_only=True)
     assert set(cached[0]) == {"z_mu", "z_sigma", "source"} and cached[0]["z_mu"].shape == (4, 8, 8, 8)
-    run_dir = sorted((tmp / "outputs").glob("train_diffusion_*"))[-1]
+    run_dir = max((tmp / "outputs").glob("train_diffusion_*"))
     assert (run_dir / "previews" / "stage2_samples_epoch0002.png").is_file()
     assert (run_dir / "loss_curves.png").is_file()
     assert "Metrics -- val_loss" in proc.stdout + proc.stderr
@@ -82,7 +82,7 @@ def test_generation_writes_nifti_montage_and_manifest(trained):
 
     # the same seed reproduces the samples in a new folder; nothing earlier is overwritten
     run_bundle(GENERATE, {**ov, "batch_size": 1, "num_samples": 1})
-    again = sorted((tmp / "outputs").glob("generated_*"))[-1]
+    again = max((tmp / "outputs").glob("generated_*"))
     assert again != out
     np.testing.assert_allclose(nib.load(again / files[0]).get_fdata(), img.get_fdata(), atol=1e-5)
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, RFlowScheduler
+from monai.networks.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    PNDMScheduler,
+    RFlowScheduler,
+)
 from torch import nn
 
 from scripts.diffusion import check_sampler, decode_latents, sample_latents
@@ -119,8 +124,8 @@ def test_sampler_runs_the_requested_steps(scheduler):
                          ids=["ddpm", "ddim"])
 def test_sample_depends_on_seed_and_index_not_batch_size(make, tmp_path):
     ae, unet = tiny_autoencoder(), tiny_unet()
-    common = dict(network=unet, autoencoder=ae, scale_factor=1.0, latent_shape=[2, 4, 4, 4], spacing=[2.0, 2.0, 2.0],
-                  num_samples=3, seed=5, num_inference_steps=4, progress=False)
+    common = {"network": unet, "autoencoder": ae, "scale_factor": 1.0, "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0],
+                  "num_samples": 3, "seed": 5, "num_inference_steps": 4, "progress": False}
     runs = [generate(scheduler=make(), output_dir=str(tmp_path), batch_size=b, **common) for b in (1, 3)]
     import nibabel as nib
 

@@ -1,10 +1,15 @@
 """Ignite engines built on MONAI's: the stage-1 and stage-2 trainers."""
 
 from scripts.engines.autoencoder_trainer import AutoencoderTrainer
-from scripts.engines.base import GenerativeTrainer, NonFiniteLossError, OptimizerStep, loss_output
+from scripts.engines.base import (
+    GenerativeTrainer,
+    NonFiniteLossError,
+    OptimizerStep,
+    loss_output,
+)
 
 __all__ = ["AutoencoderTrainer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "loss_output"]
-from scripts.engines.diffusion_trainer import (  # noqa: E402
+from scripts.engines.diffusion_trainer import (
     LatentDiffusionEvaluator,
     LatentDiffusionTrainer,
     diffusion_loss,

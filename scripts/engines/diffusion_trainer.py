@@ -13,10 +13,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 from scripts.diffusion import diffusion_target, sample_timesteps
-from scripts.engines.base import GenerativeTrainer, OptimizerStep, amp_dtype_of, autocast_context
+from scripts.engines.base import (
+    GenerativeTrainer,
+    OptimizerStep,
+    amp_dtype_of,
+    autocast_context,
+)
 from scripts.latents import PrepareLatents
 
-__all__ = ["LatentDiffusionTrainer", "LatentDiffusionEvaluator", "diffusion_loss", "lower_is_better"]
+__all__ = ["LatentDiffusionEvaluator", "LatentDiffusionTrainer", "diffusion_loss", "lower_is_better"]
 
 
 def _noised_loss(engine: Any, network: nn.Module, z_mu: torch.Tensor, z_sigma: torch.Tensor,

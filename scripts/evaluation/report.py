@@ -95,11 +95,11 @@ def write_report(folder: Path, result: Mapping[str, Any], generated: Sequence[to
     name = result["feature_extractor"]
     lines = [
         "# Evaluation of generated volumes", "",
-        f"{result['num_volumes']['generated']} generated volumes against the second half of the real split "
+        (f"{result['num_volumes']['generated']} generated volumes against the second half of the real split "
         f"({result['num_volumes']['real (reference)']} volumes, the reference). `real (floor)` is the first half of "
         "the real split: what a perfect generator scores at this sample size. `blurred real` and `noise` are what "
         "poor generators score. Lower is better for FID, MMD and histogram W1; precision and recall are best at 1; "
-        "MS-SSIM diversity (mean over pairs within a set) should match the real sets': higher means less diverse.",
+        "MS-SSIM diversity (mean over pairs within a set) should match the real sets': higher means less diverse."),
         "",
         f"Features: **{name}**." + (" These numbers are not comparable with published FIDs, which use a "
                                      "pretrained network." if name == "random features" else ""),
@@ -113,18 +113,18 @@ def write_report(folder: Path, result: Mapping[str, Any], generated: Sequence[to
                                                  (f"training {p['nearest']} ({p['ms_ssim']:.3f})", training[p["nearest"]]))],
                 folder / "nearest.png", title="closest generated/training pairs (MS-SSIM)")
         lines += ["## Memorisation", "",
-                  f"Highest MS-SSIM of a generated volume to its nearest training volume: "
+                  (f"Highest MS-SSIM of a generated volume to its nearest training volume: "
                   f"**{memo['max_generated_to_training']:.4f}**; between distinct real subjects the nearest-neighbour "
                   f"MS-SSIM is {memo['mean_real_to_nearest_real']:.4f} on average (max "
-                  f"{memo['max_real_to_nearest_real']:.4f}). A generated volume well above that level is likely a copy.",
+                  f"{memo['max_real_to_nearest_real']:.4f}). A generated volume well above that level is likely a copy."),
                   "", "![closest pairs](nearest.png)", ""]
     truth = result.get("known_truth")
     if truth:
         _known_truth(folder / "known_truth.png", truth)
         lines += ["## Known truth (demo phantom)", "",
-                  "A threshold segmentation inside the head (`scripts/evaluation/known_truth.py`) estimates each "
+                  ("A threshold segmentation inside the head (`scripts/evaluation/known_truth.py`) estimates each "
                   "quantity; the table gives the Wasserstein-1 distance of the estimates to the reference subjects' "
-                  "recorded values, for the generated set and for real volumes (the segmentation's own error).", "",
+                  "recorded values, for the generated set and for real volumes (the segmentation's own error)."), "",
                   "| quantity | generated | real (floor) | generated mean | recorded mean |", "|---|---|---|---|---|"]
         for q, v in truth["wasserstein"].items():
             lines.append(f"| {q} | {v['generated']:.2f} | {v['real (floor)']:.2f} | {v['generated mean']:.2f} | "

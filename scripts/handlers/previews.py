@@ -17,7 +17,7 @@ from scripts.distributed import is_main_rank
 from scripts.storage import atomic_write_json
 from scripts.visualize import montage, plot_curves
 
-__all__ = ["ReconstructionPreview", "SamplePreview", "LossCurves"]
+__all__ = ["LossCurves", "ReconstructionPreview", "SamplePreview"]
 
 logger = logging.getLogger(__name__)
 
