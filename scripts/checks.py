@@ -15,7 +15,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["check_overrides", "find_unknown_keys"]
+__all__ = ["BOOLEAN_WORDS", "as_bool", "check_overrides", "find_unknown_keys"]
 
 # arguments of `monai.bundle run` itself, never config keys
 RUN_ARGUMENTS = {
@@ -24,6 +24,24 @@ RUN_ARGUMENTS = {
 }
 # top-level keys that `--tracking mlflow` adds to the config (MONAI's DEFAULT_MLFLOW_SETTINGS), so overridable
 RUN_ARGUMENTS |= {"tracking_uri", "experiment_name", "save_execute_config", "is_not_rank0"}
+
+
+#: command-line spellings of a boolean (``monai.bundle run --flag false`` passes the text ``'false'``)
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """``value`` as a boolean: a bool or number as is, a word of :data:`BOOLEAN_WORDS` by its meaning.
+
+    Raises:
+        ValueError: on any other text, naming ``name`` and the accepted words.
+    """
+    if not isinstance(value, str):
+        return bool(value)
+    word = value.strip().lower()
+    if word not in BOOLEAN_WORDS:
+        raise ValueError(f"{name}: expected true or false, got '{value}'.")
+    return BOOLEAN_WORDS[word]
 
 
 def _config_files(value: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,9 @@ from torch import nn
 
 __all__ = [
     "any_rank",
+    "barrier",
     "broadcast_float",
+    "broadcast_object",
     "destroy_process_group",
     "init_process_group",
     "is_distributed",
@@ -123,8 +126,9 @@ def scaled_lr(base_learning_rate: float, batch_size: int, accumulation_steps: in
         scale: apply the scaling.
         name: the config id, used in the printed line.
     """
-    scale = scale if not isinstance(scale, str) else scale.strip().lower() in ("true", "1", "yes")
-    if not scale:
+    from scripts.checks import as_bool
+
+    if not as_bool(scale, "scale_lr"):
         print_main(f"{name} = base_learning_rate {base_learning_rate:.3e} (scale_lr false: not scaled)")
         return float(base_learning_rate)
     n = world_size()
@@ -136,13 +140,24 @@ def scaled_lr(base_learning_rate: float, batch_size: int, accumulation_steps: in
     return lr
 
 
-def broadcast_float(value: float) -> float:
-    """Rank 0's ``value`` on every rank (unchanged without a process group)."""
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank (unchanged without a process group)."""
     if not is_distributed():
-        return float(value)
-    box = [float(value)]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return float(box[0])
+    return box[0]
+
+
+def broadcast_float(value: float) -> float:
+    """Rank 0's ``value`` on every rank, as a float (the latent scale factor)."""
+    return float(broadcast_object(float(value)))
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

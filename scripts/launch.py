@@ -80,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    from scripts.checks import as_bool
+
+    try:
+        return as_bool(text, "--scale_lr")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_value(text: str) -> Any:
@@ -263,26 +264,13 @@ def _versions() -> dict[str, str]:
 
 
 def _share(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (the run folder's name, chosen once)."""
+    """Rank 0's ``value`` on every rank (the run folder's name, chosen once); joins the process group first."""
     from scripts import distributed
 
     if distributed.world_size() == 1:
         return value
     distributed.init_process_group()
-    box = [value]
-    import torch.distributed as dist
-
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    from scripts import distributed
-
-    if distributed.is_distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
+    return distributed.broadcast_object(value)
 
 
 def run_workflow(files: Sequence[str], overrides: Mapping[str, Any]) -> None:
@@ -354,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, copy)
                 print(f"stage-2 run: frozen autoencoder {source} copied to {copy}")
-            _barrier()
+            distributed.barrier()
             overrides["load_autoencoder_path"] = record["overrides"]["load_autoencoder_path"] = str(copy)
         if not fresh:
             overrides["resume"] = True
@@ -365,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record.update(world_size=world, versions=_versions(), command=sys.argv)
             atomic_write_json(record, record_path)
             print(f"run folder: {run} (config snapshot {snapshot(run, tfiles, overrides).name})")
-        _barrier()
+        distributed.barrier()
         run_workflow(tfiles, overrides)
         from scripts.handlers import TrainingCheckpoint
 

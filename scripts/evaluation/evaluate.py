@@ -34,6 +34,7 @@ from monai.transforms import (
     Orientation,
 )
 
+from scripts.checks import as_bool
 from scripts.evaluation import known_truth
 from scripts.evaluation.features import FeatureExtractor
 from scripts.evaluation.metrics import (
@@ -214,7 +215,8 @@ def run_evaluation(
     generated = load_generated(files, orientation)
     real = load_real(real_items, transform)
     _check_shapes({"generated": generated, "real": real})  # before the slower steps
-    training = load_real(training_items, transform) if training_items else None
+    same_split = training_items and [i["image"] for i in training_items] == [i["image"] for i in real_items]
+    training = real if same_split else load_real(training_items, transform) if training_items else None
     result = evaluate_sets(generated, real, features, ms_ssim, training, spacing, real_items, blur_sigma, knn,
                            max_pairs, seed)
     result["generated_files"] = [str(f) for f in files]
@@ -223,7 +225,7 @@ def run_evaluation(
     folder = new_run_dir(output_dir, "evaluation")
     atomic_write_json(result, folder / "metrics.json")
     write_report(folder, result, generated, real, training, runs)
-    if str(write_eval_metrics).lower() in ("true", "1"):
+    if as_bool(write_eval_metrics, "write_eval_metrics"):
         write_eval_metrics_to(metadata_file, result)
     print(f"evaluation of {len(generated)} generated vs {len(real)} real volume(s): {folder}/report.md")
     for metric, value in result["rows"]["generated"].items():
