@@ -1,13 +1,21 @@
-"""Quality benchmark (not a test): train the demo configuration for a fixed budget, generate, evaluate.
+"""Quality benchmark (not a test): train the demo recipe, generate, evaluate; a compute-to-quality curve.
 
-    python bench/quality.py                                    # demo defaults, 6 + 4 minutes of training
-    python bench/quality.py --stage1_epochs 100 --stage2_epochs 200 --num_samples 16
-    python bench/quality.py --size 96 --subjects 64 --stage1_minutes 30 --stage2_minutes 30 --amp true   # on a GPU
+    python bench/quality.py                                     # demo recipe; stage 2 evaluated after 2, 5, 10 min
+    python bench/quality.py --stage2_budgets 2,5,10,20 --num_samples 16
+    python bench/quality.py --stage1_minutes 0 --stage1_epochs 100 --stage2_budgets 0 --stage2_epochs 200  # epochs
+    python bench/quality.py --size 96 --subjects 96 --stage1_minutes 20 --stage2_budgets 5,10,20,30 --amp true  # GPU
 
-Each run works in its own folder (``--workdir``, default ``bench/runs/quality_<time>``: data, weights, outputs), so
-nothing in ``models/`` or ``outputs/`` is touched. It prints one line per metric: the generated set, the
-real-vs-real floor and the two ceilings (blurred real, noise), all measured in this run, and writes them to
-``quality.json`` in the work folder. Compare two code versions by running both with the same arguments.
+One stage 1 is trained (and its test-split reconstruction measured), then stage 2 is trained on it in slices: after
+each budget (cumulative training minutes) the run stops with its checkpoint, generates ``--num_samples`` volumes with
+the EMA weights, evaluates them (``configs/evaluate.json``: real-vs-real floor and blurred/noise ceilings measured
+in the same run), and resumes to the next budget. The learning-rate schedule is constant after its warm-up, so a
+slice boundary changes nothing but the RNG stream. Each run works in its own folder (``--workdir``, default
+``bench/runs/quality_<time>``: data, weights, outputs), never in ``models/`` or ``outputs/``.
+
+Writes ``quality.json`` (every metric at every budget), ``quality.md`` (the table) and ``quality.png`` (each metric
+against stage-2 training minutes, with the real-vs-real floor drawn in) into the work folder. The last lines are
+``RESULT <metric> <value>`` for the largest budget, then ``RESULT pass <n>/<m>``: how many of the targets of the
+demo recipe (:data:`TARGETS`) it meets.
 """
 
 from __future__ import annotations
@@ -17,10 +25,25 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+#: the demo recipe's quality targets: name -> (what, threshold); checked by :func:`check_targets`
+TARGETS = {
+    "stage1_psnr": "stage-1 test-split reconstruction PSNR >= 27 dB",
+    "stage1_ms_ssim": "stage-1 test-split reconstruction MS-SSIM >= 0.93",
+    "truth_mean": "known-truth means (head, brain, ventricles, lesion count) within 10 % of the real means",
+    "truth_w1": "known-truth Wasserstein distances within 3x the real-vs-real floor",
+    "precision": "precision >= 0.5",
+    "recall": "recall >= 0.5",
+    "diversity": "MS-SSIM diversity within 0.1 of real-vs-real",
+    "no_copies": "no sample nearer a training volume than the nearest pair of real training volumes",
+}
+DERIVED = (" (floor)", " (real)", " (real reference)")  # suffixes of the comparison values in a row
+TRUTH = ("head_volume_ml", "brain_volume_ml", "ventricle_volume_ml", "lesion_count")
 
 
 def run_workflow(config_file: str | list[str], minutes: float | None = None, **overrides: Any) -> None:
@@ -34,22 +57,106 @@ def run_workflow(config_file: str | list[str], minutes: float | None = None, **o
     workflow.initialize()
     if minutes:
         workflow.parser.get_parsed_content("train#trainer").add_event_handler(
-            Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(minutes * 60)))
+            Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, int(minutes * 60))))
     workflow.run()
     workflow.finalize()
+
+
+def newest(folder: Path, prefix: str) -> Path:
+    return max(folder.glob(f"{prefix}_*"))
+
+
+def quality_row(evaluation: Mapping) -> dict[str, float]:
+    """The flat metrics of one evaluation's ``metrics.json``: generated and floor values, known-truth figures."""
+    rows = evaluation["rows"]
+    row: dict[str, float] = {}
+    for metric, value in rows["generated"].items():
+        row[metric] = value
+        row[f"{metric} (floor)"] = rows["real (floor)"][metric]
+    row["MS-SSIM diversity (real reference)"] = rows["real (reference)"]["MS-SSIM diversity"]
+    memo = evaluation.get("memorisation", {})
+    if memo:
+        row["nearest-training MS-SSIM"] = memo["max_generated_to_training"]
+        row["nearest-training MS-SSIM (floor)"] = memo["max_real_to_nearest_real"]
+    for q, values in evaluation.get("known_truth", {}).get("wasserstein", {}).items():
+        row[f"{q} W1"] = values["generated"]
+        row[f"{q} W1 (floor)"] = values["real (floor)"]
+        row[f"{q} mean"] = values["generated mean"]
+        row[f"{q} mean (real)"] = values["real recorded mean"]
+    return row
+
+
+def check_targets(stage1: Mapping[str, float], row: Mapping[str, float]) -> dict[str, bool]:
+    """Which of :data:`TARGETS` a run meets (known-truth targets need every quantity of :data:`TRUTH`)."""
+    def rel(q: str) -> float:
+        return abs(row[f"{q} mean"] - row[f"{q} mean (real)"]) / max(abs(row[f"{q} mean (real)"]), 1e-6)
+
+    has_truth = all(f"{q} W1" in row for q in TRUTH)
+    real_diversity = row["MS-SSIM diversity (floor)"]
+    return {
+        "stage1_psnr": stage1["psnr"] >= 27.0,
+        "stage1_ms_ssim": stage1["ms_ssim"] >= 0.93,
+        "truth_mean": has_truth and all(rel(q) <= 0.10 for q in TRUTH),
+        "truth_w1": has_truth and all(row[f"{q} W1"] <= 3.0 * max(row[f"{q} W1 (floor)"], 1e-6) for q in TRUTH),
+        "precision": row["precision"] >= 0.5,
+        "recall": row["recall"] >= 0.5,
+        "diversity": abs(row["MS-SSIM diversity"] - real_diversity) <= 0.1,
+        "no_copies": row.get("nearest-training MS-SSIM", 1.0) <= row.get("nearest-training MS-SSIM (floor)", 0.0),
+    }
+
+
+def plot(curve: list[dict[str, Any]], path: Path) -> None:
+    """Each metric against stage-2 training minutes, the real-vs-real floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in curve[0]["metrics"] if f"{m} (floor)" in curve[0]["metrics"]]
+    cols = 4
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    minutes = [c["stage2_minutes"] for c in curve]
+    for ax, metric in zip(axes.ravel(), metrics):
+        ax.plot(minutes, [c["metrics"][metric] for c in curve], marker="o", label="generated")
+        ax.plot(minutes, [c["metrics"][f"{metric} (floor)"] for c in curve], "k--", label="real vs real")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("stage-2 training minutes", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_axis_off()
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table(stage1: Mapping[str, float], curve: list[dict[str, Any]]) -> str:
+    metrics = [m for m in curve[0]["metrics"] if not m.endswith(DERIVED)]
+    head = "| metric | " + " | ".join(f"{c['stage2_minutes']:g} min" for c in curve) + " | real vs real |"
+    lines = [f"stage 1: {stage1['minutes']:.1f} min, test PSNR {stage1['psnr']:.2f} dB, MS-SSIM {stage1['ms_ssim']:.4f}",
+             "", head, "|---" * (len(curve) + 2) + "|"]
+    for m in metrics:
+        floor = curve[-1]["metrics"].get(f"{m} (floor)", curve[-1]["metrics"].get(f"{m} (real)"))
+        floor_text = f"{floor:.4g}" if floor is not None else ""
+        lines.append(f"| {m} | " + " | ".join(f"{c['metrics'][m]:.4g}" for c in curve) + f" | {floor_text} |")
+    lines.append("| targets met | " + " | ".join(f"{sum(c['targets'].values())}/{len(c['targets'])}" for c in curve)
+                 + " | |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage1_epochs", type=int, default=100)
-    p.add_argument("--stage2_epochs", type=int, default=200)
-    p.add_argument("--stage1_minutes", type=float, default=6.0, help="training time limit; 0 for epochs only")
-    p.add_argument("--stage2_minutes", type=float, default=4.0, help="training time limit; 0 for epochs only")
-    p.add_argument("--num_samples", type=int, default=8)
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--size", type=int, default=64, help="demo volume side (voxels)")
-    p.add_argument("--subjects", type=int, default=24, help="demo subjects (4 validation and 4 test among them)")
+    p.add_argument("--stage1_epochs", type=int, default=None, help="default: the config's max_epochs")
+    p.add_argument("--stage1_minutes", type=float, default=0.0, help="stage-1 time limit; 0: epochs only")
+    p.add_argument("--stage2_epochs", type=int, default=100000, help="stage-2 epoch cap (the budgets stop it)")
+    p.add_argument("--stage2_budgets", default="2,5,10",
+                   help="cumulative stage-2 training minutes at which to generate and evaluate; 0: one run of "
+                        "--stage2_epochs")
+    p.add_argument("--num_samples", type=int, default=16)
+    p.add_argument("--size", type=int, default=None, help="demo volume side (voxels); default: the config's")
+    p.add_argument("--subjects", type=int, default=None, help="demo subjects; default: the config's")
     p.add_argument("--amp", default="false", help="bfloat16 autocast (GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
@@ -58,45 +165,64 @@ def main(argv: list[str] | None = None) -> dict:
     os.chdir(BUNDLE_ROOT)
     sys.path.insert(0, str(BUNDLE_ROOT))
     work = Path(args.workdir or BUNDLE_ROOT / "bench" / "runs" / f"quality_{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    data = work / "data"
-    common = {"demo_data_dir": str(data), "dataset_dir": str(data), "ckpt_dir": str(work / "models"),
-              "output_dir": str(work / "outputs"), "demo_size": args.size, "volume_size": [args.size] * 3,
-              "infer_patch_size": [args.size] * 3, "demo_num_subjects": args.subjects, "seed": args.seed}
-    times = {}
+    data, outputs = work / "data", work / "outputs"
+    common: dict[str, Any] = {"demo_data_dir": str(data), "dataset_dir": str(data), "ckpt_dir": str(work / "models"),
+                              "output_dir": str(outputs)}
+    if args.size:
+        common.update(demo_size=args.size, volume_size=[args.size] * 3, infer_patch_size=[args.size] * 3)
+    if args.subjects:
+        common["demo_num_subjects"] = args.subjects
+    amp = args.amp.strip().lower() in ("true", "1", "yes")
     t = time.time()
-    run_workflow("configs/train_autoencoder.json", args.stage1_minutes, max_epochs=args.stage1_epochs,
-                 amp=args.amp == "true", **common)
-    times["stage 1"] = time.time() - t
-    t = time.time()
-    run_workflow(["configs/train_autoencoder.json", "configs/train_diffusion.json"], args.stage2_minutes,
-                 max_epochs=args.stage2_epochs, amp=args.amp == "true", latent_cache_dir=str(work / "cache"), **common)
-    times["stage 2"] = time.time() - t
-    t = time.time()
-    run_workflow("configs/inference.json", num_samples=args.num_samples, sampler=args.sampler,
-                 **{k: v for k, v in common.items() if k != "seed"})
-    times["generation"] = time.time() - t
-    generated = max((work / "outputs").glob("generated_*"))
-    t = time.time()
-    run_workflow("configs/evaluate.json", generated_dir=str(generated), **common)
-    times["evaluation"] = time.time() - t
-    folder = max((work / "outputs").glob("evaluation_*"))
-    result = json.loads((folder / "metrics.json").read_text())
-    rows = result["rows"]
-    summary = {"arguments": vars(args), "minutes": {k: round(v / 60, 2) for k, v in times.items()},
-               "metrics": {m: {row: rows[row][m] for row in ("generated", "real (floor)", "blurred real", "noise")}
-                           for m in rows["generated"]},
-               "memorisation": {k: v for k, v in result.get("memorisation", {}).items() if not isinstance(v, list)},
-               "report": str(folder / "report.md")}
-    (work / "quality.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nquality benchmark ({', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}); report: {folder}/report.md")
-    print(f"{'metric':<28}{'generated':>12}{'real floor':>12}{'blurred':>12}{'noise':>12}")
-    for metric, values in summary["metrics"].items():
-        print(f"{metric:<28}" + "".join(f"{values[r]:12.4f}" for r in ("generated", "real (floor)", "blurred real", "noise")))
-    memo = summary["memorisation"]
-    if memo:
-        print(f"{'nearest-training MS-SSIM':<28}{memo['max_generated_to_training']:12.4f}{memo['max_real_to_nearest_real']:12.4f}"
-              "   (max; generated vs real-to-real)")
-    return summary
+    stage1_overrides = {"max_epochs": args.stage1_epochs} if args.stage1_epochs else {}
+    run_workflow("configs/train_autoencoder.json", args.stage1_minutes, amp=amp, seed=args.seed,
+                 **stage1_overrides, **common)
+    stage1_minutes = (time.time() - t) / 60
+    run_workflow("configs/inference_autoencoder.json", **common)
+    summary = json.loads((newest(outputs, "reconstruction") / "summary.json").read_text())
+    stage1 = {"minutes": stage1_minutes, "psnr": summary["psnr"]["mean"], "ssim": summary["ssim"]["mean"],
+              "ms_ssim": summary["ms_ssim"]["mean"]}
+    print(f"stage 1: {stage1_minutes:.1f} min; test PSNR {stage1['psnr']:.2f} dB, MS-SSIM {stage1['ms_ssim']:.4f}")
+
+    budgets = [float(b) for b in args.stage2_budgets.split(",") if b.strip()] or [0.0]
+    stage2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
+    curve: list[dict[str, Any]] = []
+    trained = 0.0
+    for k, budget in enumerate(budgets):
+        t = time.time()
+        run_workflow(stage2, (budget - trained) if budget else None, max_epochs=args.stage2_epochs, amp=amp,
+                     seed=args.seed, latent_cache_dir=str(work / "cache"), resume=k > 0, **common)
+        trained += (time.time() - t) / 60
+        t = time.time()
+        run_workflow("configs/inference.json", num_samples=args.num_samples, seed=args.seed, amp=amp, **common)
+        generation_minutes = (time.time() - t) / 60
+        run_workflow("configs/evaluate.json", generated_dir=str(newest(outputs, "generated")), **common)
+        evaluation = json.loads((newest(outputs, "evaluation") / "metrics.json").read_text())
+        row = quality_row(evaluation)
+        point = {"stage2_minutes": round(trained, 2), "generation_minutes": round(generation_minutes, 2),
+                 "metrics": row, "targets": check_targets(stage1, row),
+                 "samples": str(newest(outputs, "generated") / "samples.png"),
+                 "report": str(newest(outputs, "evaluation") / "report.md")}
+        curve.append(point)
+        print(f"stage 2 at {trained:.1f} min: {sum(point['targets'].values())}/{len(TARGETS)} targets; "
+              f"samples {point['samples']}")
+
+    result = {"arguments": vars(args), "stage1": stage1, "curve": curve, "targets": TARGETS}
+    (work / "quality.json").write_text(json.dumps(result, indent=2))
+    (work / "quality.md").write_text(table(stage1, curve))
+    plot(curve, work / "quality.png")
+    print(f"\nquality benchmark: {work}/quality.md, {work}/quality.png")
+    print(table(stage1, curve))
+    last = curve[-1]
+    print(f"RESULT stage1_psnr {stage1['psnr']:.4f}")
+    print(f"RESULT stage1_ms_ssim {stage1['ms_ssim']:.4f}")
+    print(f"RESULT stage2_minutes {last['stage2_minutes']:.2f}")
+    for metric, value in last["metrics"].items():
+        print(f"RESULT {metric.replace(' ', '_')} {value:.6g}")
+    for name, ok in last["targets"].items():
+        print(f"RESULT target_{name} {int(ok)}")
+    print(f"RESULT pass {sum(last['targets'].values())}/{len(last['targets'])}")
+    return result
 
 
 if __name__ == "__main__":

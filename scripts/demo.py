@@ -1,7 +1,7 @@
 """The main job: the whole pipeline on the embedded demo data — stage 1, stage 2, generation.
 
-    python -m scripts.demo                      # about 15 minutes on 2 CPU cores
-    python -m scripts.demo --stage1_epochs 20 --stage2_epochs 20 --num_samples 2   # a quicker look
+    python -m scripts.demo                      # at most 15 minutes on 2 CPU cores: 16 generated volumes
+    python -m scripts.demo --stage1_epochs 20 --stage2_epochs 20 --num_samples 4   # a quicker look
 
 Each stage is the bundle workflow a user would run with ``python -m monai.bundle run`` (same configs, same
 outputs); this only chains them and prints where everything is.
@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from scripts.checks import as_bool
 
 __all__ = ["main"]
 
@@ -26,26 +28,27 @@ def _run(config_file: str | list[str], **overrides: Any) -> None:
         **{k: v for k, v in overrides.items() if v is not None})
 
 
-def main(stage1_epochs: int | None = None, stage2_epochs: int | None = None, num_samples: int = 4,
-         sampler: str = "ddim", skip_stage1: bool = False, skip_stage2: bool = False) -> None:
+def main(stage1_epochs: int | None = None, stage2_epochs: int | None = None, num_samples: int = 16,
+         sampler: str | None = None, skip_stage1: bool = False, skip_stage2: bool = False) -> None:
     """Train the autoencoder, train the latent diffusion model, generate ``num_samples`` volumes.
 
     Args:
         stage1_epochs: stage-1 epochs (default: ``max_epochs`` of configs/train_autoencoder.json).
         stage2_epochs: stage-2 epochs (default: ``max_epochs`` of configs/train_diffusion.json).
         num_samples: volumes to generate.
-        sampler: ``ddpm``, ``ddim``, ``pndm`` (or ``rflow`` for a rectified-flow model).
+        sampler: ``rflow`` for a rectified-flow model (the default recipe), ``ddpm``, ``ddim`` or ``pndm`` for a
+            DDPM-trained one; default: the fast sampler of the trained model's family (from its training record).
         skip_stage1: reuse ``models/model_autoencoder.pt``.
         skip_stage2: reuse ``models/model_ema.pt``.
     """
     os.chdir(BUNDLE_ROOT)  # the configs' macros and default paths are relative to the bundle root
     times = {}
     start = time.time()
-    if not skip_stage1:
+    if not as_bool(skip_stage1, "skip_stage1"):
         _run("configs/train_autoencoder.json", max_epochs=stage1_epochs)
         times["stage 1 (autoencoder)"] = time.time() - start
     t = time.time()
-    if not skip_stage2:
+    if not as_bool(skip_stage2, "skip_stage2"):
         _run(["configs/train_autoencoder.json", "configs/train_diffusion.json"], max_epochs=stage2_epochs)
         times["stage 2 (latent diffusion)"] = time.time() - t
     t = time.time()

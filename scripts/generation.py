@@ -15,7 +15,7 @@ from torch import nn
 from scripts.diffusion import decode_latents, sample_generators, sample_latents
 from scripts.nifti import centered_ras_affine, save_nifti
 from scripts.storage import atomic_write_json, file_sha256, load_checkpoint, new_run_dir
-from scripts.visualize import montage
+from scripts.visualize import sample_grid
 
 __all__ = ["generate", "initial_noise", "read_training_record"]
 
@@ -112,7 +112,7 @@ def generate(
     if bar is not None:
         bar.close()
     seconds = time.time() - start
-    montage(volumes, run_dir / "samples.png", title=f"{num_samples} samples, {type(scheduler).__name__}, "
+    sample_grid(volumes, run_dir / "samples.png", title=f"{num_samples} samples, {type(scheduler).__name__}, "
             f"{num_inference_steps} steps, seed {seed}", vmin=0.0, vmax=1.0)
     facts = dict(record or {})
     for key, value in list(facts.items()):

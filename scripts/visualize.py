@@ -9,7 +9,7 @@ import numpy as np
 
 from scripts.storage import atomic_write
 
-__all__ = ["mid_slices", "montage", "plot_curves"]
+__all__ = ["mid_slices", "montage", "plot_curves", "sample_grid"]
 
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -75,6 +75,62 @@ def montage(
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     if path is not None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return rgb
+
+
+def _tile(volume: np.ndarray) -> np.ndarray:
+    """The three mid-slices of one volume side by side, padded to a common height: ``(H, 3 W)``."""
+    slices = mid_slices(volume)
+    height = max(s.shape[0] for s in slices)
+    padded = [np.pad(s, ((0, height - s.shape[0]), (0, 1))) for s in slices]
+    return np.concatenate(padded, axis=1)
+
+
+def sample_grid(
+    items: Sequence[tuple[str, np.ndarray]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    columns: int | None = None,
+    tile_inches: float = 3.6,
+) -> np.ndarray:
+    """Draw many volumes as a grid that fits one screen: each cell holds one volume's axial, coronal and sagittal
+    mid-slices side by side (anterior/superior up), labelled; ``columns`` default ``ceil(sqrt(n))`` capped at 6
+    (16 samples: 4 x 4 cells, about 1500 x 700 pixels). Written atomically as PNG.
+
+    Args:
+        items: (label, volume) pairs, volumes ``(X, Y, Z)`` or ``(1, X, Y, Z)`` in RAS orientation.
+        path: PNG destination.
+        title: figure title.
+        vmin, vmax: grey-scale window shared by every cell.
+        columns: cells per row.
+        tile_inches: width of one cell in inches (100 dpi).
+
+    Returns:
+        The figure as an ``(H, W, 3)`` uint8 array.
+    """
+    plt = _pyplot()
+    items = list(items)
+    n = len(items)
+    columns = columns or min(6, max(1, int(np.ceil(np.sqrt(n)))))
+    rows = int(np.ceil(n / columns))
+    tiles = [_tile(v) for _, v in items]
+    aspect = tiles[0].shape[0] / tiles[0].shape[1]
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(tile_inches * columns, (tile_inches * aspect + 0.25) * rows + (0.4 if title else 0)))
+    for k, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if k < n:
+            ax.imshow(tiles[k], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(items[k][0], fontsize=8, pad=2)
+    if title:
+        fig.suptitle(f"{title}  (each cell: axial | coronal | sagittal)", fontsize=10)
+    fig.tight_layout(pad=0.3)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return rgb
 

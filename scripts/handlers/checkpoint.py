@@ -22,6 +22,15 @@ __all__ = ["TrainingCheckpoint"]
 logger = logging.getLogger(__name__)
 
 
+def _plain_weights(obj: object, state: dict) -> dict:
+    """The plain network state dict of a weights entry: a wrapper that averages a network (``EMA``) keeps its
+    own bookkeeping in its checkpoint state, but its weight file holds only the averaged network's weights."""
+    module = getattr(obj, "module", None)
+    if not isinstance(obj, torch.nn.Module) and isinstance(module, torch.nn.Module):
+        return module.state_dict()
+    return state
+
+
 class TrainingCheckpoint:
     """Save and restore everything a run needs to continue: networks, optimisers, LR schedulers, grad scalers,
     EMA weights and the engine's epoch and iteration counts.
@@ -132,7 +141,7 @@ class TrainingCheckpoint:
         state.update(self.extra)
         atomic_save(state, self.path)
         for name, fname in self.weights.items():
-            atomic_save(state[name], self.save_dir / fname)
+            atomic_save(_plain_weights(self.save_dict[name], state[name]), self.save_dir / fname)
         self._last_saved_iteration = engine.state.iteration
         logger.info(f"saved checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
 
