@@ -214,3 +214,35 @@ def test_rectified_flow_trains_on_the_velocity_target():
                                      noise_scheduler=scheduler, scale_factor=1.0)
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_model_best_keeps_the_lowest_validation_loss(tmp_path):
+    """The validation CheckpointSaver of configs/train_diffusion.json, driven by rounds of falling then rising loss."""
+    from ignite.engine import Engine, Events
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointSaver
+
+    from tests.helpers import ROOT
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train_diffusion.json"))
+    spec = next(h for h in parser.get("validate#handlers") if h.get("_target_") == "CheckpointSaver")
+    settings = {k: v for k, v in spec.items() if not k.startswith("_") and k not in ("save_dir", "save_dict")}
+    net = nn.Linear(1, 1)
+    losses = [0.5, 0.2, 0.4, 0.3]
+    rounds = iter(enumerate(losses))
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def score(engine):  # what LatentDiffusionEvaluator's Average metric reports, before the saver runs
+        i, loss = next(rounds)
+        engine.state.key_metric_name = "val_loss"
+        engine.state.metrics = {"val_loss": loss}
+        with torch.no_grad():
+            net.weight.fill_(i)  # the weights of round i
+
+    CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, **settings).attach(evaluator)
+    for _ in losses:
+        evaluator.run([0])
+    best = torch.load(tmp_path / "model_best.pt", weights_only=True)
+    assert float(best["weight"]) == losses.index(min(losses))
