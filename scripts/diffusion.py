@@ -1,12 +1,13 @@
 """The diffusion maths, scheduler-agnostic: training timesteps and targets, the sampling loop, latent decoding.
 
-Schedulers are MONAI's (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``, ``RFlowScheduler``), all with the
-same ``set_timesteps`` / ``step`` interface; the sampling loop receives network and scheduler as arguments.
+Schedulers are MONAI's (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``, ``RFlowScheduler``; the sampling
+variants in :mod:`scripts.schedulers`), all with the same ``set_timesteps`` / ``step`` interface; the sampling loop
+receives network and scheduler as arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.inferers import Inferer, SimpleInferer
@@ -15,14 +16,7 @@ from torch import nn
 
 from scripts.networks import AutoencoderDecoder
 
-__all__ = ["decode_latents", "diffusion_target", "pick_scheduler", "sample_generators", "sample_latents", "sample_timesteps"]
-
-
-def pick_scheduler(schedulers: Mapping[str, nn.Module], name: str, key: str = "sampler") -> nn.Module:
-    """The scheduler named ``name`` among the configured ones, with a clear error naming the config key."""
-    if name not in schedulers:
-        raise KeyError(f"{key}='{name}' is not one of {sorted(schedulers)}; set --{key} to one of them.")
-    return schedulers[name]
+__all__ = ["decode_latents", "diffusion_target", "sample_generators", "sample_latents", "sample_timesteps"]
 
 
 def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -114,22 +108,3 @@ def decode_latents(
     decoder = AutoencoderDecoder(autoencoder, scale_factor).eval()
     with torch.no_grad():
         return (inferer or SimpleInferer())(latents, decoder)
-
-
-def check_sampler(sampler: str, trained_with: str | None) -> None:
-    """Refuse a sampler that cannot run a model trained with the other family of noise schedulers.
-
-    Raises:
-        ValueError: rectified-flow sampling of a DDPM-trained model or the reverse.
-    """
-    if trained_with is None:
-        return
-    if (sampler == "rflow") != (trained_with == "rflow"):
-        fit = "rflow" if trained_with == "rflow" else "ddpm, ddim or pndm"
-        raise ValueError(f"sampler='{sampler}' cannot sample a model trained with noise_scheduler_type="
-                         f"'{trained_with}'; use --sampler {fit}.")
-
-
-def default_preview_sampler(noise_scheduler_type: str) -> str:
-    """The fast sampler matching a training scheduler: DDIM for DDPM training, rectified flow for RFlow."""
-    return "rflow" if noise_scheduler_type == "rflow" else "ddim"

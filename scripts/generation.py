@@ -13,39 +13,17 @@ from monai.inferers import Inferer
 from torch import nn
 
 from scripts.diffusion import decode_latents, sample_generators, sample_latents
-from scripts.nifti import centered_ras_affine, save_nifti
-from scripts.storage import atomic_write_json, file_sha256, load_checkpoint, new_run_dir
+from scripts.nifti import centered_affine, save_nifti
+from scripts.storage import atomic_write_json, file_sha256, new_run_dir
 from scripts.visualize import sample_grid
 
-__all__ = ["generate", "initial_noise", "read_training_record"]
+__all__ = ["generate", "initial_noise"]
 
 
 def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int, device: str | torch.device) -> torch.Tensor:
     """Starting noise ``(len(indices), *latent_shape)``; sample ``i``'s noise depends only on ``(seed, i)``."""
     generators = sample_generators(seed, indices)  # on CPU: the same noise on any device
     return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
-
-
-def read_training_record(checkpoint_path: str, key: str, override: Any = None) -> Any:
-    """A value stored in the stage-2 training checkpoint (e.g. ``scale_factor``), unless ``override`` is given.
-
-    Raises:
-        FileNotFoundError / ValueError: the checkpoint is missing or does not hold ``key``; the message says which
-            config value to pass instead.
-    """
-    if override is not None:
-        return override
-    if not Path(checkpoint_path).is_file():
-        raise FileNotFoundError(
-            f"stage-2 checkpoint '{checkpoint_path}' not found; it records the {key} of the diffusion model. "
-            f"Pass --{key} explicitly (stage-2 training prints the scale factor; weights from the Model Zoo BraTS "
-            "bundle were sampled with 1.0), or point --diffusion_checkpoint_path at the stage-2 checkpoint."
-        )
-    state = load_checkpoint(checkpoint_path, what=f"stage-2 checkpoint (for {key})")
-    if key not in state:
-        raise ValueError(f"stage-2 checkpoint '{checkpoint_path}' has no '{key}'; pass --{key} explicitly.")
-    value = state[key]
-    return float(value) if isinstance(value, (int, float, torch.Tensor)) else value
 
 
 def generate(
@@ -56,6 +34,7 @@ def generate(
     latent_shape: Sequence[int],
     output_dir: str,
     spacing: Sequence[float],
+    orientation: str = "RAS",
     num_samples: int = 4,
     batch_size: int = 1,
     seed: int = 0,
@@ -67,24 +46,26 @@ def generate(
 ) -> Path:
     """Generate ``num_samples`` volumes into a new folder ``output_dir/generated_<time>``.
 
-    Writes ``sample_0000.nii.gz``... (RAS affine with ``spacing``, centred at the origin), ``samples.png`` (orthogonal
-    mid-slices of every sample) and ``manifest.json`` (sampler, steps, seed, scale factor, checkpoint hashes, time).
+    Writes ``sample_0000.nii.gz``... (affine with the training's ``spacing`` and ``orientation``, centred at the
+    origin), ``samples.png`` (orthogonal mid-slices of every sample) and ``manifest.json`` (sampler and its prediction
+    type, steps, seed, scale factor, the hashes of the checkpoints and of the training record, time).
 
     Args:
         network: diffusion UNet (usually the EMA weights), latent space.
         autoencoder: stage-1 autoencoder; its decoder maps ``latent / scale_factor`` to image space.
         scheduler: the sampler (MONAI DDPM/DDIM/PNDM/RFlow scheduler).
-        scale_factor: the training scale factor (read from the stage-2 checkpoint).
+        scale_factor: the training scale factor (from the training record).
         latent_shape: ``(latent_channels, *latent_spatial)``.
         output_dir: parent of the run folder.
-        spacing: voxel size of the written volumes, in mm.
+        spacing: voxel size of the written volumes, in mm (the training's).
+        orientation: axis codes of the volumes' voxel axes (the training's, e.g. ``RAS``).
         num_samples: how many volumes.
         batch_size: volumes sampled together (does not change any sample).
         seed: sample ``i`` is a function of ``(seed, i)`` only.
         num_inference_steps: reverse-process steps.
         device: device to sample on.
         decode_inferer: e.g. a ``SlidingWindowInferer`` over the latent for tiled decoding in bounded memory.
-        record: extra facts for the manifest (checkpoint paths are hashed).
+        record: extra facts for the manifest (files named by keys ending in ``_path`` are hashed).
         progress: show progress bars.
     """
     run_dir = new_run_dir(output_dir, "generated")
@@ -104,7 +85,7 @@ def generate(
         latents = sample_latents(network, scheduler, noise, num_inference_steps, generators, progress=progress)
         images = decode_latents(autoencoder, latents, scale_factor, decode_inferer).float().cpu()
         for i, image in zip(indices, images):
-            affine = centered_ras_affine(image.shape[1:], spacing)
+            affine = centered_affine(image.shape[1:], spacing, orientation)
             files.append(save_nifti(image, affine, run_dir / f"sample_{i:04d}.nii.gz"))
             volumes.append((f"sample {i}", image.numpy()))
         if bar is not None:
@@ -119,9 +100,11 @@ def generate(
         if key.endswith("_path") and value and Path(str(value)).is_file():
             facts[key.replace("_path", "_sha256")] = file_sha256(value)
     manifest = {
-        "sampler": type(scheduler).__name__, "num_inference_steps": int(num_inference_steps), "seed": int(seed),
+        "sampler": type(scheduler).__name__, "prediction_type": str(getattr(scheduler, "prediction_type", "")),
+        "num_inference_steps": int(num_inference_steps), "seed": int(seed),
         "num_samples": int(num_samples), "batch_size": int(batch_size), "scale_factor": float(scale_factor),
         "latent_shape": list(latent_shape), "image_shape": list(images.shape[1:]), "spacing_mm": list(map(float, spacing)),
+        "orientation": str(orientation),
         "files": [f.name for f in files], "seconds_total": round(seconds, 2),
         "seconds_per_sample": round(seconds / max(num_samples, 1), 2), "device": str(device),
         "torch": torch.__version__, "python": platform.python_version(), **facts,

@@ -10,14 +10,19 @@ import torch
 
 from scripts.storage import atomic_write
 
-__all__ = ["centered_ras_affine", "save_nifti"]
+__all__ = ["centered_affine", "save_nifti"]
 
 
-def centered_ras_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
-    """RAS affine ``diag(spacing)`` whose translation puts the volume centre at world (0, 0, 0)."""
+def centered_affine(shape: Sequence[int], spacing: Sequence[float], orientation: str = "RAS") -> np.ndarray:
+    """Affine of a volume whose voxel axes run along ``orientation`` (axis codes, e.g. ``RAS``, ``LPS``) with voxel
+    size ``spacing``; the translation puts the volume centre at world (0, 0, 0)."""
+    from nibabel.orientations import axcodes2ornt
+
     spacing = [float(s) for s in spacing]
-    affine = np.diag(spacing + [1.0])
-    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing)]
+    affine = np.eye(4)
+    for axis, (world, flip) in enumerate(axcodes2ornt(tuple(orientation))):
+        affine[int(world), axis] = flip * spacing[axis]
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape[:3], dtype=float) - 1) / 2.0)
     return affine
 
 

@@ -32,9 +32,9 @@ INCLUDED = ("configs", "scripts", "docs", "LICENSE", "README.md", "requirements.
 EXCLUDED_PARTS = {"__pycache__", "cache", "logs", "outputs", "mlruns", ".ipynb_checkpoints"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".tmp"}
 
-# released weights, in the order inference needs them: stage 1, stage 2 (EMA and raw), and the stage-2 record that
-# holds the latent scale factor and the noise schedule family for generation
-WEIGHT_FILES = ("model_autoencoder.pt", "model_ema.pt", "model.pt", "checkpoint_diffusion.pt")
+# released weights, in the order inference needs them: stage 1, stage 2 (EMA and raw), the stage-2 checkpoint and the
+# training record beside the weights (scale factor, noise schedule, prediction type, spacing: see scripts/records.py)
+WEIGHT_FILES = ("model_autoencoder.pt", "model_ema.pt", "model.pt", "checkpoint_diffusion.pt", "model_record.json")
 RECORD_FILE = "packaged.json"
 
 
@@ -124,7 +124,7 @@ def package(output_dir: str | None = None, weights: bool = False, weights_url: s
     Args:
         output_dir: folder of the zip and of ``packaged.json`` (default ``<bundle root>/dist``).
         weights: include the trained weights found in ``models/`` (``model_autoencoder.pt`` is required;
-            ``model_ema.pt``, ``model.pt`` and ``checkpoint_diffusion.pt`` when present).
+            ``model_ema.pt``, ``model.pt``, ``checkpoint_diffusion.pt`` and ``model_record.json`` when present).
         weights_url: where the weights will be published; the packaged ``large_files.yml`` then lists each of them
             with this URL prefix and its md5, so ``monai.bundle download_large_files`` can fetch them.
         name: bundle folder name (default: ``name`` in configs/metadata.json in lower snake case).

@@ -67,10 +67,16 @@ def test_workflow_properties(config_file, workflow_type, tmp_path):
 def test_every_workflow_takes_every_shared_definition_from_common(config_file):
     common = json.loads((ROOT / "configs" / "common.json").read_text())
     workflow = json.loads((ROOT / config_file).read_text())
-    # stage-1 inference's network_def is the autoencoder (reconstruction wrapper), as MONAI's infer properties expect
-    own = {"configs/inference_autoencoder.json": {"network_def"}}.get(config_file, set())
+    # stage-1 inference's network_def is the autoencoder (reconstruction wrapper), as MONAI's infer properties expect;
+    # generation takes the noise schedule, spacing and orientation from the training record, and from common.json
+    # (its `recipe`) only for weights without a record
+    recipe = workflow.get("recipe", {}) if config_file == "configs/inference.json" else {}
+    own = {"configs/inference_autoencoder.json": {"network_def"}}.get(config_file, set()) | set(recipe)
     for key in (k for k in common if not k.startswith("_") and k not in own):
         assert workflow.get(key) == f"%configs/common.json#{key}", f"{config_file}: '{key}' must be a macro"
+    for key in recipe:
+        assert recipe[key] == f"%configs/common.json#{key}", f"{config_file}: 'recipe#{key}' must be a macro"
+        assert f"'{key}', @recipe#{key})" in workflow[key], f"{config_file}: '{key}' must fall back to the recipe"
     redefined = [k for k in ("autoencoder_def", "discriminator_def", "preprocessing_transforms")
                  if not str(workflow.get(k, "")).startswith("%")]
     assert not redefined

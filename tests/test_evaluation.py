@@ -24,7 +24,7 @@ from scripts.evaluation.metrics import (
     precision_recall,
     wasserstein_1d,
 )
-from scripts.nifti import centered_ras_affine, save_nifti
+from scripts.nifti import centered_affine, save_nifti
 from tests.helpers import ROOT, overrides_for, run_bundle
 
 EVALUATE = "configs/evaluate.json"
@@ -108,7 +108,7 @@ def evaluated(tmp_path_factory):
     generated = tmp / "generated"
     g = torch.Generator().manual_seed(0)
     for i in range(3):
-        save_nifti(torch.rand(1, 32, 32, 32, generator=g), centered_ras_affine([32] * 3, [3.0] * 3),
+        save_nifti(torch.rand(1, 32, 32, 32, generator=g), centered_affine([32] * 3, [3.0] * 3),
                    generated / f"sample_{i:04d}.nii.gz")
     metadata = tmp / "metadata.json"
     shutil.copy(ROOT / "configs" / "metadata.json", metadata)
@@ -147,7 +147,7 @@ def test_evaluation_refuses_empty_folder_and_mismatched_shapes(tmp_path, evaluat
     data_tmp, _ = evaluated
     small = tmp_path / "small"
     for i in range(2):
-        save_nifti(torch.rand(1, 16, 16, 16), centered_ras_affine([16] * 3, [3.0] * 3), small / f"s{i}.nii.gz")
+        save_nifti(torch.rand(1, 16, 16, 16), centered_affine([16] * 3, [3.0] * 3), small / f"s{i}.nii.gz")
     ov = overrides_for(data_tmp, generate=True, generated_dir=str(small), output_dir=str(tmp_path / "out"))
     proc = run_bundle(EVALUATE, ov, check=False)
     line = proc.stderr.strip().splitlines()[-1]

@@ -11,6 +11,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.networks import load_weights
+from scripts.schedulers import make_scheduler
 from tests.helpers import ROOT, TINY, TINY_DIFFUSION, overrides_for, run_bundle
 
 with warnings.catch_warnings():
@@ -66,11 +67,11 @@ def test_monai_generative_weights_give_the_same_reconstructions_and_samples(tmp_
 
     steps, scale, seed = 3, 0.7, 5
     run_bundle("configs/inference.json", overrides_for(tmp_path, generate=True, use_ema="False", scale_factor=scale,
-                                                       num_samples=1, num_inference_steps=steps, seed=seed))
+                                                       sampler="ddim", num_samples=1, num_inference_steps=steps, seed=seed))
     sample = nib.load(next((tmp_path / "outputs").glob("generated_*")) / "sample_0000.nii.gz").get_fdata()
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "common.json"))
-    scheduler = parser.get_parsed_content("schedulers#ddim")  # the sampler generation uses (inference.json: ddim)
+    scheduler = make_scheduler(parser.get_parsed_content("schedulers"), "ddim")  # as generation builds it
     latents = sample_latents(unet, scheduler, initial_noise([4, 8, 8, 8], [0], seed, "cpu"), steps, progress=False)
     expected = decode_latents(ae, latents, scale)[0, 0].numpy()
     np.testing.assert_allclose(sample, expected, atol=1e-4)

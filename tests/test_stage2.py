@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.storage import file_sha256
 from tests.helpers import overrides_for, run_bundle
 
 STAGE1 = "configs/train_autoencoder.json"
@@ -22,7 +23,8 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage2")
     run_bundle(STAGE1, overrides_for(tmp, max_epochs=2, val_interval=5, lr=1e-3))
     ov = overrides_for(tmp, stage2=True, max_epochs=2, val_interval=2, train_batch_size=2, val_batch_size=2,
-                       preview_steps=3, preview_num_samples=1, lr_warmup_iterations=2)
+                       preview_steps=3, preview_num_samples=1, lr_warmup_iterations=2, noise_scheduler_type="ddpm",
+                       prediction_type="v_prediction")
     proc = run_bundle(STAGE2, ov)
     return tmp, ov, proc
 
@@ -33,10 +35,20 @@ def test_stage2_writes_weights_cache_previews_and_scale_factor(trained):
     for name in ("model.pt", "model_ema.pt", "model_best.pt", "checkpoint_diffusion.pt"):
         assert (models / name).is_file(), name
     state = torch.load(models / "checkpoint_diffusion.pt", weights_only=True)
-    assert {"diffusion", "ema", "optimizer", "lr_scheduler", "step", "engine"} <= set(state)
-    assert state["engine"]["epoch"] == 2 and state["noise_scheduler_type"] == "ddpm"
-    assert 0.05 < state["scale_factor"] < 20 and f"latent scale factor: {round(state['scale_factor'], 5)}" in proc.stdout
-    assert state["latent_shape"] == [4, 8, 8, 8]
+    assert {"diffusion", "ema", "optimizer", "lr_scheduler", "step", "engine", "record"} <= set(state)
+    record = json.loads((models / "model_record.json").read_text())
+    assert state["engine"]["epoch"] == 2 == record["epoch"]
+    assert {k: v for k, v in record.items() if k in state["record"]} == state["record"]
+    assert record["noise_scheduler_type"] == "ddpm" and record["prediction_type"] == "v_prediction"
+    assert 0.05 < record["scale_factor"] < 20 and f"latent scale factor: {round(record['scale_factor'], 5)}" in proc.stdout
+    assert record["latent_shape"] == [4, 8, 8, 8] and record["spacing"] == [3.0, 3.0, 3.0] and record["orientation"] == "RAS"
+    assert record["noise_scheduler"]["class"] == "scripts.schedulers.RespacedDDPMScheduler"
+    assert record["noise_scheduler"]["settings"]["prediction_type"] == "v_prediction"
+    assert {k: record["noise_scheduler"]["settings"][k] for k in ("num_train_timesteps", "beta_start", "beta_end")} == {
+        k: record[k] for k in ("num_train_timesteps", "beta_start", "beta_end")}
+    assert record["intensity_scaling"]["lower"] == 0.0 and record["intensity_scaling"]["upper"] == 99.5
+    assert record["autoencoder_sha256"] == file_sha256(models / "model_autoencoder.pt")
+    assert record["weights_sha256"] == {name: file_sha256(models / name) for name in ("model.pt", "model_ema.pt")}
     ema = torch.load(models / "model_ema.pt", weights_only=True)
     raw = torch.load(models / "model.pt", weights_only=True)
     assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
@@ -74,9 +86,14 @@ def test_generation_writes_nifti_montage_and_manifest(trained):
     np.testing.assert_allclose(img.affine[:3, 3], [-46.5, -46.5, -46.5])
     assert img.header["sform_code"] == 1 and img.header["qform_code"] == 1
     manifest = json.loads((out / "manifest.json").read_text())
-    state = torch.load(tmp / "models" / "checkpoint_diffusion.pt", weights_only=True)
-    assert manifest["sampler"] == "DDIMScheduler" and manifest["num_inference_steps"] == 4 and manifest["seed"] == 7
-    assert manifest["scale_factor"] == pytest.approx(state["scale_factor"])
+    record_path = tmp / "models" / "model_record.json"
+    record = json.loads(record_path.read_text())
+    assert manifest["num_inference_steps"] == 4 and manifest["seed"] == 7
+    assert manifest["scale_factor"] == pytest.approx(record["scale_factor"])
+    assert manifest["prediction_type"] == "v_prediction" == manifest["scheduler"]["settings"]["prediction_type"]
+    assert manifest["scheduler"]["class"] == "scripts.schedulers.RespacedDDIMScheduler"
+    assert manifest["training_record_path"] == str(record_path)
+    assert manifest["training_record_sha256"] == file_sha256(record_path)
     assert manifest["diffusion_path"].endswith("model_ema.pt") and len(manifest["diffusion_sha256"]) == 16
     assert (out / "samples.png").stat().st_size > 1000
 
@@ -92,6 +109,14 @@ def test_generation_refuses_a_sampler_of_the_other_family(trained):
     proc = run_bundle(GENERATE, overrides_for(tmp, generate=True, sampler="rflow"), check=False)
     assert proc.returncode != 0
     assert "sampler='rflow' cannot sample a model trained with noise_scheduler_type='ddpm'" in proc.stderr.splitlines()[-1]
+
+
+def test_generation_refuses_an_override_that_contradicts_the_training_record(trained):
+    tmp, _, _ = trained
+    proc = run_bundle(GENERATE, overrides_for(tmp, generate=True, prediction_type="epsilon"), check=False)
+    assert proc.returncode != 0
+    assert (f"prediction_type='epsilon' contradicts the training record {tmp / 'models' / 'model_record.json'}, "
+            "where prediction_type='v_prediction'; drop --prediction_type") in proc.stderr.splitlines()[-1]
 
 
 def test_generation_rejects_inconsistent_image_size(trained):
@@ -127,7 +152,7 @@ def test_ckpt_export_unet_and_decoder_match_eager(trained):
                        num_res_blocks=1, norm_num_groups=4, attention_levels=[False, False, False],
                        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False).eval()
     ae.load_state_dict(torch.load(models / "model_autoencoder.pt", weights_only=True))
-    scale = torch.load(models / "checkpoint_diffusion.pt", weights_only=True)["scale_factor"]
+    scale = json.loads((models / "model_record.json").read_text())["scale_factor"]
     z = torch.randn(1, 4, 8, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(tmp / "decoder.ts"))(z), ae.decode(z / scale), atol=1e-4, rtol=1e-4)

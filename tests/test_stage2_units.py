@@ -14,12 +14,13 @@ from monai.networks.schedulers import (
 )
 from torch import nn
 
-from scripts.diffusion import check_sampler, decode_latents, sample_latents
+from scripts.diffusion import decode_latents, sample_latents
 from scripts.engines import LatentDiffusionTrainer
-from scripts.generation import generate, initial_noise, read_training_record
+from scripts.generation import generate, initial_noise
 from scripts.handlers import EMA
 from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
 from scripts.networks import latent_spatial_shape
+from scripts.schedulers import check_sampler
 
 
 def tiny_autoencoder() -> AutoencoderKL:
@@ -177,15 +178,6 @@ def test_sampler_must_match_training_family():
         check_sampler("ddim", "rflow")
 
 
-def test_scale_factor_read_from_checkpoint_or_overridden(tmp_path):
-    path = tmp_path / "checkpoint_diffusion.pt"
-    torch.save({"scale_factor": 0.42}, path)
-    assert read_training_record(str(path), "scale_factor") == pytest.approx(0.42)
-    assert read_training_record(str(path), "scale_factor", 1.5) == 1.5
-    with pytest.raises(FileNotFoundError, match="stage-2 checkpoint"):
-        read_training_record(str(tmp_path / "missing.pt"), "scale_factor")
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_ddpm_prediction_types_train(prediction_type):
     unet = tiny_unet()
@@ -214,3 +206,59 @@ def test_rectified_flow_trains_on_the_velocity_target():
                                      noise_scheduler=scheduler, scale_factor=1.0)
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_scale_factor_is_applied_once_each_way():
+    """Training multiplies the latent by the scale factor once, decoding divides once: decoding the latent the
+    diffusion model is trained on gives the plain reconstruction."""
+    ae = tiny_autoencoder()
+    image = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        z_mu, _ = ae.encode(image)
+        reconstruction = ae.decode(z_mu)
+    seen = []
+
+    def inferer(inputs, diffusion_model, noise, timesteps):
+        seen.append(inputs)
+        return torch.zeros_like(inputs, requires_grad=True)
+
+    net = nn.Linear(1, 1)
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+                                     train_data_loader=[{"z_mu": z_mu, "z_sigma": torch.zeros_like(z_mu)}],
+                                     noise_scheduler=DDPMScheduler(num_train_timesteps=10), scale_factor=0.3,
+                                     inferer=inferer)
+    trainer.run()
+    torch.testing.assert_close(seen[0], z_mu * 0.3)
+    torch.testing.assert_close(decode_latents(ae, seen[0], 0.3), reconstruction, atol=1e-5, rtol=1e-5)
+
+
+def test_model_best_keeps_the_lowest_validation_loss(tmp_path):
+    """The validation CheckpointSaver of configs/train_diffusion.json, driven by rounds of falling then rising loss."""
+    from ignite.engine import Engine, Events
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointSaver
+
+    from tests.helpers import ROOT
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train_diffusion.json"))
+    spec = next(h for h in parser.get("validate#handlers") if h.get("_target_") == "CheckpointSaver")
+    settings = {k: v for k, v in spec.items() if not k.startswith("_") and k not in ("save_dir", "save_dict")}
+    net = nn.Linear(1, 1)
+    losses = [0.5, 0.2, 0.4, 0.3]
+    rounds = iter(enumerate(losses))
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def score(engine):  # what LatentDiffusionEvaluator's Average metric reports, before the saver runs
+        i, loss = next(rounds)
+        engine.state.key_metric_name = "val_loss"
+        engine.state.metrics = {"val_loss": loss}
+        with torch.no_grad():
+            net.weight.fill_(i)  # the weights of round i
+
+    CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, **settings).attach(evaluator)
+    for _ in losses:
+        evaluator.run([0])
+    best = torch.load(tmp_path / "model_best.pt", weights_only=True)
+    assert float(best["weight"]) == losses.index(min(losses))

@@ -15,7 +15,8 @@ from ignite.engine import Engine, Events
 from scripts.checks import BOOLEAN_WORDS, as_bool
 from scripts.distributed import any_rank, is_main_rank
 from scripts.networks import unwrap
-from scripts.storage import atomic_save, load_checkpoint
+from scripts.records import RECORD_FILENAME
+from scripts.storage import atomic_save, atomic_write_json, file_sha256, load_checkpoint
 
 __all__ = ["TrainingCheckpoint"]
 
@@ -38,7 +39,9 @@ class TrainingCheckpoint:
     Files (all written with a temporary name then renamed, on rank 0 only):
         - ``save_dir/filename``: the full training state, updated every ``save_interval`` epochs and at the end;
         - ``save_dir/<weights[name]>``: plain state dicts of selected modules (e.g. ``model_autoencoder.pt``),
-          the stable names inference configs read, updated at the same moments.
+          the stable names inference configs read, updated at the same moments;
+        - ``save_dir/record_filename``: the training record (see :mod:`scripts.records`) as JSON, with the epoch,
+          the iteration and the sha256 of each weight file written with it; also in the checkpoint as ``record``.
 
     Args:
         save_dir: folder of the checkpoint files.
@@ -48,7 +51,9 @@ class TrainingCheckpoint:
         save_interval: epochs between saves; 0 saves only at the end.
         weights: name in ``save_dict`` -> file name of a plain state dict written beside the checkpoint.
         resume: ``False``; ``True`` to continue from ``save_dir/filename``; or the path of a checkpoint.
-        extra: constant values stored in every checkpoint (e.g. the latent scale factor).
+        record: what inference must know about this training (e.g. the latent scale factor, the noise schedule),
+            JSON-able; ``None`` writes no record.
+        record_filename: name of the record's JSON file beside the weights.
         save_on_signals: signal names (default ``SIGTERM``, ``SIGUSR1``: cluster preemption and SLURM's
             ``--signal`` warning) that save a checkpoint at the end of the current iteration and stop training,
             on every rank at the same iteration; ``--resume true`` then continues mid-epoch. Empty to disable.
@@ -68,7 +73,8 @@ class TrainingCheckpoint:
         save_interval: int = 1,
         weights: Mapping[str, str] | None = None,
         resume: bool | str = False,
-        extra: Mapping[str, Any] | None = None,
+        record: Mapping[str, Any] | None = None,
+        record_filename: str = RECORD_FILENAME,
         save_on_signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
     ) -> None:
         self.save_dir = Path(save_dir)
@@ -83,7 +89,8 @@ class TrainingCheckpoint:
         if isinstance(resume, str) and resume.strip().lower() in BOOLEAN_WORDS:
             resume = as_bool(resume)
         self.resume = resume
-        self.extra = dict(extra or {})
+        self.record = dict(record) if record is not None else None
+        self.record_filename = record_filename
         unknown_signals = [name for name in save_on_signals if not hasattr(signal, name)]
         if unknown_signals:
             raise ValueError(f"save_on_signals: {unknown_signals} are not signals on this system.")
@@ -138,10 +145,15 @@ class TrainingCheckpoint:
         mid_epoch = bool(length) and engine.state.iteration % length != 0
         state["engine"] = {"epoch": engine.state.epoch - 1 if mid_epoch else engine.state.epoch,  # completed epochs
                            "iteration": engine.state.iteration, "epoch_length": length}
-        state.update(self.extra)
+        if self.record is not None:
+            state["record"] = self.record
         atomic_save(state, self.path)
         for name, fname in self.weights.items():
             atomic_save(_plain_weights(self.save_dict[name], state[name]), self.save_dir / fname)
+        if self.record is not None:
+            written = {fname: file_sha256(self.save_dir / fname) for fname in self.weights.values()}
+            atomic_write_json({**self.record, **state["engine"], "weights_sha256": written},
+                              self.save_dir / self.record_filename)
         self._last_saved_iteration = engine.state.iteration
         logger.info(f"saved checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
 
