@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     common: dict[str, Any] = {"demo_data_dir": str(data), "dataset_dir": str(data), "ckpt_dir": str(work / "models"),
                               "output_dir": str(outputs)}
     if args.size:
-        common.update(demo_size=args.size, volume_size=[args.size] * 3, infer_patch_size=[args.size] * 3)
+        common.update(demo_size=args.size, volume_size=[args.size] * 3)
     if args.subjects:
         common["demo_num_subjects"] = args.subjects
     amp = args.amp.strip().lower() in ("true", "1", "yes")

@@ -27,7 +27,8 @@ from scripts.distributed import is_main_rank
 from scripts.networks import unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
-__all__ = ["PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "transform_fingerprint"]
+__all__ = ["PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "posterior",
+           "transform_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,13 @@ def encode_items(
     device: str | torch.device,
     image_key: str = "image",
     progress: bool = True,
+    inferer: Callable | None = None,
 ) -> list[dict]:
-    """Preprocess and encode each item; return ``{"z_mu", "z_sigma", "source"}`` dicts, tensors ``(C, *latent)`` on CPU."""
+    """Preprocess and encode each item; return ``{"z_mu", "z_sigma", "source"}`` dicts, tensors ``(C, *latent)`` on CPU.
+
+    ``inferer`` (e.g. the ``SlidingWindowInferer`` over the stage-1 training patch size that reconstruction uses)
+    encodes in windows: an autoencoder trained on patches normalises (GroupNorm) over a patch, so encoding the whole
+    volume at once shifts its features (see :func:`posterior`)."""
     ae = unwrap(autoencoder).eval()
     encoder = adapt(ae)
     iterator = items
@@ -92,10 +98,19 @@ def encode_items(
         for item in iterator:
             image = transform(dict(item))[image_key]
             image = _plain(image).float()[None].to(device)
-            z_mu, z_sigma = encoder.posterior(image)
+            z_mu, z_sigma = posterior(encoder, image, inferer)
             out.append({"z_mu": _plain(z_mu[0]).float().cpu(), "z_sigma": _plain(z_sigma[0]).float().cpu(),
                         "source": str(item[image_key])})
     return out
+
+
+def posterior(encoder: Any, image: torch.Tensor, inferer: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z_mu, z_sigma)`` of ``image`` ``(B, C, *spatial)`` (image space) by an autoencoder adapter, in windows of
+    ``inferer`` when given (MONAI's sliding-window inference stitches the lower-resolution latent outputs)."""
+    if inferer is None:
+        return encoder.posterior(image)
+    z_mu, z_sigma = inferer(image, lambda x: encoder.posterior(x))
+    return z_mu, z_sigma
 
 
 def cached_latents(
@@ -107,15 +122,18 @@ def cached_latents(
     split: str,
     device: str | torch.device,
     image_key: str = "image",
+    inferer: Callable | None = None,
 ) -> list[dict]:
-    """Latent posteriors of ``items``, read from ``cache_dir/<split>_<key>.pt`` or encoded once and written there.
+    """Latent posteriors of ``items``, read from ``cache_dir/<split>_<key>.pt`` or encoded once and written there
+    (in windows of ``inferer`` when given; the key includes its settings).
 
     In a distributed run rank 0 encodes and writes; the other ranks wait at a barrier, then read the file.
     """
-    path = Path(cache_dir) / f"latents_{split}_{cache_key(autoencoder_path, transform, items, image_key)}.pt"
+    key = cache_key(autoencoder_path, [transform, inferer] if inferer is not None else transform, items, image_key)
+    path = Path(cache_dir) / f"latents_{split}_{key}.pt"
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not path.is_file() and is_main_rank():
-        latents = encode_items(autoencoder, items, transform, device, image_key)
+        latents = encode_items(autoencoder, items, transform, device, image_key, inferer=inferer)
         atomic_save(latents, path)
         print(f"[latents] encoded {len(latents)} {split} volume(s) into {path}")
     if distributed:
@@ -148,11 +166,14 @@ class PrepareLatents(PrepareBatch):
     Args:
         autoencoder: the frozen stage-1 autoencoder; needed only for image batches.
         image_key: key of the image in image batches.
+        inferer: encode image batches in its windows (as :func:`cached_latents` does).
     """
 
-    def __init__(self, autoencoder: nn.Module | None = None, image_key: str = "image") -> None:
+    def __init__(self, autoencoder: nn.Module | None = None, image_key: str = "image",
+                 inferer: Callable | None = None) -> None:
         self.autoencoder = autoencoder
         self.image_key = image_key
+        self.inferer = inferer
 
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False,
                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +186,7 @@ class PrepareLatents(PrepareBatch):
         ae = unwrap(self.autoencoder).eval()
         with torch.no_grad():
             image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking).float()
-            z_mu, z_sigma = adapt(ae).posterior(image)
+            z_mu, z_sigma = posterior(adapt(ae), image, self.inferer)
         return z_mu, z_sigma
 
 

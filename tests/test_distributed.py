@@ -21,7 +21,7 @@ def ddp_stage1(tmp_path_factory):
     """Two Gloo processes train the tiny autoencoder for 2 epochs, with gradient accumulation."""
     tmp = tmp_path_factory.mktemp("ddp1")
     overrides = overrides_for(tmp, max_epochs=2, val_interval=1, save_interval=1, train_batch_size=1,
-                              gradient_accumulation_steps=2, adversarial_warmup_epochs=0,
+                              gradient_accumulation_steps=2, adversarial_weight=0.01, adversarial_warmup_epochs=0,
                               **{"train#trainer#train_handlers": PROBE.format(folder=tmp / "seen")})
     proc = run_bundle(STAGE1, overrides, launcher=torchrun(2), timeout=900)
     return tmp, proc

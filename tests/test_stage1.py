@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     """A 2-epoch stage-1 run (adversarial loss from epoch 2), shared by the tests of this module."""
     tmp = tmp_path_factory.mktemp("stage1")
     ov = overrides_for(tmp, max_epochs=2, val_interval=1, save_interval=1, train_batch_size=1, lr=1e-3,
-                       adversarial_warmup_epochs=1)
+                       adversarial_weight=0.01, adversarial_warmup_epochs=1)
     proc = run_bundle(TRAIN, ov)
     return tmp, ov, proc
 

@@ -121,7 +121,8 @@ def test_dead_codes_are_counted_logged_and_reinitialised_from_encoder_outputs():
 def vq_trained(tmp_path_factory):
     """A tiny VQ-VAE stage 1 (2 epochs; the overlay switches dead-code re-initialisation on) and a tiny stage 2 on its latents."""
     tmp = tmp_path_factory.mktemp("vqvae")
-    stage1 = run_bundle(VQ_TRAIN, overrides_for(tmp, max_epochs=2, val_interval=2, lr=1e-3, adversarial_warmup_epochs=1,
+    stage1 = run_bundle(VQ_TRAIN, overrides_for(tmp, max_epochs=2, val_interval=2, lr=1e-3, adversarial_weight=0.01,
+                                                adversarial_warmup_epochs=1,
                                                 **TINY_VQ))
     stage2 = run_bundle(VQ_STAGE2, overrides_for(tmp, stage2=True, max_epochs=2, val_interval=2, train_batch_size=2,
                                                  val_batch_size=2, preview_steps=3, preview_num_samples=1,
