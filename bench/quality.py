@@ -88,14 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
                "memorisation": {k: v for k, v in result.get("memorisation", {}).items() if not isinstance(v, list)},
                "report": str(folder / "report.md")}
     (work / "quality.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nquality benchmark ({', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}); report: {folder}/report.md")
+    took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+    print(f"\nquality benchmark ({took}); report: {folder}/report.md")
     print(f"{'metric':<28}{'generated':>12}{'real floor':>12}{'blurred':>12}{'noise':>12}")
     for metric, values in summary["metrics"].items():
-        print(f"{metric:<28}" + "".join(f"{values[r]:12.4f}" for r in ("generated", "real (floor)", "blurred real", "noise")))
+        rows = ("generated", "real (floor)", "blurred real", "noise")
+        print(f"{metric:<28}" + "".join(f"{values[r]:12.4f}" for r in rows))
     memo = summary["memorisation"]
     if memo:
-        print(f"{'nearest-training MS-SSIM':<28}{memo['max_generated_to_training']:12.4f}{memo['max_real_to_nearest_real']:12.4f}"
-              "   (max; generated vs real-to-real)")
+        print(f"{'nearest-training MS-SSIM':<28}{memo['max_generated_to_training']:12.4f}"
+              f"{memo['max_real_to_nearest_real']:12.4f}   (max; generated vs real-to-real)")
     return summary
 
 

@@ -15,7 +15,9 @@ from torch import nn
 
 from scripts.networks import AutoencoderDecoder
 
-__all__ = ["decode_latents", "diffusion_target", "pick_scheduler", "sample_generators", "sample_latents", "sample_timesteps"]
+__all__ = [
+    "decode_latents", "diffusion_target", "pick_scheduler", "sample_generators", "sample_latents", "sample_timesteps",
+]
 
 
 def pick_scheduler(schedulers: Mapping[str, nn.Module], name: str, key: str = "sampler") -> nn.Module:
@@ -25,7 +27,8 @@ def pick_scheduler(schedulers: Mapping[str, nn.Module], name: str, key: str = "s
     return schedulers[name]
 
 
-def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Training timesteps, one per batch item: uniform integers for DDPM-family schedulers, the scheduler's own
     (e.g. logit-normal) distribution for rectified flow."""
     if isinstance(scheduler, RFlowScheduler):
@@ -41,7 +44,8 @@ def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor, generator: tor
     return timesteps.long().to(latents.device)
 
 
-def diffusion_target(scheduler: nn.Module, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def diffusion_target(scheduler: nn.Module, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the network learns to predict: the noise (``epsilon``), the velocity (``v_prediction``, Salimans & Ho
     2022), the clean latent (``sample``), or for rectified flow (Liu et al. 2022) the velocity ``x0 - noise``."""
     if isinstance(scheduler, RFlowScheduler):
@@ -83,7 +87,7 @@ def sample_latents(
         scheduler.ets, scheduler.counter, scheduler.cur_sample = [], 0, None
     timesteps = list(scheduler.timesteps)
     next_timesteps = timesteps[1:] + [0]
-    steps = zip(timesteps, next_timesteps)
+    steps = zip(timesteps, next_timesteps, strict=True)
     if progress:
         from tqdm import tqdm
 

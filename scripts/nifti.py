@@ -17,7 +17,7 @@ def centered_ras_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.nd
     """RAS affine ``diag(spacing)`` whose translation puts the volume centre at world (0, 0, 0)."""
     spacing = [float(s) for s in spacing]
     affine = np.diag(spacing + [1.0])
-    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing)]
+    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing, strict=True)]
     return affine
 
 

@@ -11,13 +11,14 @@ from torch import nn
 
 from scripts.networks import unwrap
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "EMAUpdate"]
 
 
 class EMA:
-    """Keeps ``module``, an EMA copy of ``network``: ``ema = decay * ema + (1 - decay) * weights`` after every
-    optimiser step (buffers are copied). Its ``state_dict`` is the copy's plain state dict, so it is saved as
-    ``model_ema.pt`` beside the raw weights and loads into the network definition directly.
+    """Keeps ``module``, an EMA copy of ``network``: ``ema = decay * ema + (1 - decay) * weights`` at each
+    :meth:`update` (buffers are copied); :class:`EMAUpdate` calls it after every optimiser step. Its ``state_dict``
+    is the copy's plain state dict, so it is saved as ``model_ema.pt`` beside the raw weights and loads into the
+    network definition directly.
 
     Args:
         network: the trained network (a DDP wrapper is unwrapped).
@@ -31,21 +32,13 @@ class EMA:
         self.decay = float(decay)
         self.module = copy.deepcopy(unwrap(network)).eval().requires_grad_(False)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_update)
-
-    def _maybe_update(self, engine: Engine) -> None:
-        is_step = getattr(engine, "is_step_iteration", None)
-        if is_step is None or is_step():
-            self.update()
-
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step towards the network's current weights."""
         source = unwrap(self.network)
-        for ema_p, p in zip(self.module.parameters(), source.parameters()):
+        for ema_p, p in zip(self.module.parameters(), source.parameters(), strict=True):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
-        for ema_b, b in zip(self.module.buffers(), source.buffers()):
+        for ema_b, b in zip(self.module.buffers(), source.buffers(), strict=True):
             ema_b.copy_(b)
 
     def state_dict(self) -> dict:
@@ -53,3 +46,26 @@ class EMA:
 
     def load_state_dict(self, state: Mapping) -> None:
         self.module.load_state_dict(state)
+
+
+class EMAUpdate:
+    """Training handler: one :meth:`EMA.update` after every optimiser step (every iteration that ends a
+    gradient-accumulation window, as the trainer's ``is_step_iteration`` tells; every iteration otherwise).
+
+    The averaged weights live in the :class:`EMA` object, which validation and checkpoints reference; this handler
+    only schedules its updates, so that ``train#handlers`` holds handler definitions alone.
+
+    Args:
+        ema: the EMA to update.
+    """
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema = ema
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_update)
+
+    def _maybe_update(self, engine: Engine) -> None:
+        is_step = getattr(engine, "is_step_iteration", None)
+        if is_step is None or is_step():
+            self.ema.update()
