@@ -117,7 +117,7 @@ def plot(curve: list[dict[str, Any]], path: Path) -> None:
     rows = (len(metrics) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     minutes = [c["stage2_minutes"] for c in curve]
-    for ax, metric in zip(axes.ravel(), metrics):
+    for ax, metric in zip(axes.ravel()[: len(metrics)], metrics, strict=True):
         ax.plot(minutes, [c["metrics"][metric] for c in curve], marker="o", label="generated")
         ax.plot(minutes, [c["metrics"][f"{metric} (floor)"] for c in curve], "k--", label="real vs real")
         ax.set_title(metric, fontsize=9)
@@ -134,7 +134,8 @@ def plot(curve: list[dict[str, Any]], path: Path) -> None:
 def table(stage1: Mapping[str, float], curve: list[dict[str, Any]]) -> str:
     metrics = [m for m in curve[0]["metrics"] if not m.endswith(DERIVED)]
     head = "| metric | " + " | ".join(f"{c['stage2_minutes']:g} min" for c in curve) + " | real vs real |"
-    lines = [f"stage 1: {stage1['minutes']:.1f} min, test PSNR {stage1['psnr']:.2f} dB, MS-SSIM {stage1['ms_ssim']:.4f}",
+    lines = [f"stage 1: {stage1['minutes']:.1f} min, test PSNR {stage1['psnr']:.2f} dB, "
+             f"MS-SSIM {stage1['ms_ssim']:.4f}",
              "", head, "|---" * (len(curve) + 2) + "|"]
     for m in metrics:
         floor = curve[-1]["metrics"].get(f"{m} (floor)", curve[-1]["metrics"].get(f"{m} (real)"))

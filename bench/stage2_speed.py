@@ -271,8 +271,9 @@ def measure_cache(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     torch.save([{"z_mu": p["z_mu"], "z_sigma": p["z_sigma"]} for p in posteriors],
                os.path.join(args._data_dir, "latents.pt"))
-    return {"task": "cache", "volumes": len(items), "seconds": seconds, "latent_shape": list(posteriors[0]["z_mu"].shape),
-            "scale_factor": estimate_scale_factor(posteriors), **memory(device)}
+    return {"task": "cache", "volumes": len(items), "seconds": seconds,
+            "latent_shape": list(posteriors[0]["z_mu"].shape), "scale_factor": estimate_scale_factor(posteriors),
+            **memory(device)}
 
 
 def attach_timer(trainer: Any, device: torch.device) -> list[tuple[float, float]]:
@@ -451,7 +452,8 @@ def format_training(results: dict[str, dict[str, Any]], cache: dict[str, Any], a
         "encode": "engine, encode every iteration (PrepareLatents(ae))",
         "bare": "plain PyTorch loop, cached latents",
     }
-    header = f"{'variant':<7} {'what':<51} {'it/s':>7} {'s/iter (mean ± std)':>20} {'CPU/wall':>8}" + memory_header(cuda)
+    header = (f"{'variant':<7} {'what':<51} {'it/s':>7} {'s/iter (mean ± std)':>20} {'CPU/wall':>8}"
+              + memory_header(cuda))
     lines = [header, "-" * len(header)]
     for name in TRAIN_VARIANTS:
         r = results[name]
@@ -463,8 +465,8 @@ def format_training(results: dict[str, dict[str, Any]], cache: dict[str, Any], a
     verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
     lines += [
         "",
-        f"speed-up cached / encode (it/s): {speedup:.2f}x   (target >= {TARGET_SPEEDUP:.0f}x at 64^3 image / 16^3 latent,"
-        f" batch 2: {verdict})",
+        f"speed-up cached / encode (it/s): {speedup:.2f}x   (target >= {TARGET_SPEEDUP:.0f}x at 64^3 image / "
+        f"16^3 latent, batch 2: {verdict})",
         f"engine overhead: bare / cached (it/s) = {bare['it_per_s'] / cached['it_per_s']:.2f}x "
         f"({(cached['mean_s'] - bare['mean_s']) * 1000:+.1f} ms per iteration)",
         f"peak RSS ratio cached / encode: {cached['peak_rss_mib'] / encode['peak_rss_mib']:.2f}",
@@ -490,7 +492,8 @@ def format_sampling(results: dict[str, dict[str, Any]], args: argparse.Namespace
         mark = "*" if r["extrapolated"] else ""
         lines.append(
             f"{name:<7} {r['default_steps']:>5} {r['measured_steps']:>8} {r['per_step_s']:>8.4f} "
-            f"{r['sample_s']:>10.2f} {r['decode_s']:>8.2f} {r['per_sample_s']:>8.2f}{mark or ' '} {r['cpu_per_wall']:>8.2f}"
+            f"{r['sample_s']:>10.2f} {r['decode_s']:>8.2f} {r['per_sample_s']:>8.2f}{mark or ' '} "
+            f"{r['cpu_per_wall']:>8.2f}"
             + memory_columns(r, cuda)
         )
         if r["extrapolated"]:

@@ -1,21 +1,29 @@
-"""Checks that run before any training starts: override keys that name nothing, sizes the networks cannot take.
+"""Checks that run before any training starts: override keys that name nothing or cannot be set, command-line
+values typed against the config, sizes the networks cannot take.
 
 ``monai.bundle run`` silently adds any key given on its command line; a typo such as
 ``--train#trainer#max_epoch 2`` would train with the default. ``check_overrides`` turns that into an error that
 names the key and the closest existing ones.
+
+``monai.bundle run`` (python-fire) also passes ``--amp false`` as the text ``'false'``, which Python reads as true.
+:func:`typed_overrides` is the one place where command-line values are typed: a key whose default is a JSON
+boolean receives a boolean. ``check_overrides`` applies it to the running workflow (every workflow's first
+``initialize`` step), and ``main.py`` (:mod:`scripts.launch`) to its ``key=value`` overrides, so no config
+consumer ever sees the text.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["BOOLEAN_WORDS", "as_bool", "check_overrides", "find_unknown_keys"]
+__all__ = ["BOOLEAN_WORDS", "REFUSED", "as_bool", "check_overrides", "find_unknown_keys", "typed_overrides"]
 
 # arguments of `monai.bundle run` itself, never config keys
 RUN_ARGUMENTS = {
@@ -27,18 +35,31 @@ RUN_ARGUMENTS |= {"tracking_uri", "experiment_name", "save_execute_config", "is_
 
 
 #: command-line spellings of a boolean (``monai.bundle run --flag false`` passes the text ``'false'``)
-BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+#: boolean keys that also take text: key -> what the text means
+ALSO_TEXT = {"resume": "the path of a checkpoint to resume from"}
+
+#: keys a workflow computes, which an override would silently contradict: key -> why, and what to set instead
+REFUSED = {
+    "latent_shape": (
+        "latent_shape is derived from volume_size (image_size in generation) and the autoencoder's downsampling, "
+        "with latent_channels channels; set --volume_size (or --image_size) and --latent_channels instead."
+    ),
+}
 
 
 def as_bool(value: Any, name: str = "value") -> bool:
-    """``value`` as a boolean: a bool or number as is, a word of :data:`BOOLEAN_WORDS` by its meaning.
+    """``value`` as a boolean: a bool as is, the integers 0 and 1, or a word of :data:`BOOLEAN_WORDS`.
 
     Raises:
-        ValueError: on any other text, naming ``name`` and the accepted words.
+        ValueError: on anything else, naming ``name`` and the accepted words.
     """
-    if not isinstance(value, str):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    word = value.strip().lower()
+    word = value.strip().lower() if isinstance(value, str) else None
     if word not in BOOLEAN_WORDS:
         raise ValueError(f"{name}: expected true or false, got '{value}'.")
     return BOOLEAN_WORDS[word]
@@ -51,25 +72,30 @@ def _config_files(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
-def _parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(config files, override keys) from a ``monai.bundle run`` command line."""
+def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """(config files, ``{override key: text}``) from a ``monai.bundle run`` command line; a flag without a value
+    (``--amp``) is ``True``, as python-fire reads it."""
     files: list[str] = []
-    keys: list[str] = []
+    overrides: dict[str, Any] = {}
     args = list(argv)
     i = 0
     while i < len(args):
         token = args[i]
-        if token.startswith("--"):
-            key, _, inline = token[2:].partition("=")
-            value = inline if inline else (args[i + 1] if i + 1 < len(args) else "")
-            if key == "config_file":
-                files = _config_files(value)
-            elif key not in RUN_ARGUMENTS:
-                keys.append(key)
-            i += 1 if inline else 2
+        if not token.startswith("--"):
+            i += 1
             continue
-        i += 1
-    return files, keys
+        key, eq, inline = token[2:].partition("=")
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 2
+        else:
+            value, i = True, i + 1
+        if key == "config_file":
+            files = _config_files(str(value))
+        elif key not in RUN_ARGUMENTS:
+            overrides[key] = value
+    return files, overrides
 
 
 def _exists(config: Any, key: str) -> bool:
@@ -101,20 +127,100 @@ def find_unknown_keys(config_files: Sequence[str], keys: Sequence[str]) -> list[
     return [(k, difflib.get_close_matches(k, known, n=3, cutoff=0.6)) for k in keys if not _exists(merged, k)]
 
 
-def check_overrides(argv: Sequence[str] | None = None) -> bool:
-    """Fail on a command-line override key that no config file defines.
+def _default(config: Any, key: str, depth: int = 0) -> Any:
+    """The value ``key`` has in ``config`` (macros resolved), following plain ``@id`` references."""
+    node = config
+    for part in key.replace("::", "#").split("#"):
+        node = node[part] if isinstance(node, dict) else node[int(part)]
+    if isinstance(node, str) and node.startswith("@") and depth < 8 and _exists(config, node[1:]):
+        return _default(config, node[1:], depth + 1)
+    return node
 
-    Reads the ``monai.bundle run`` command line (``sys.argv`` by default); does nothing when the process was not
-    started that way (e.g. the Python API, where overrides are keyword arguments checked by the caller).
+
+def _is_expression(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("$", "@", "%"))
+
+
+def typed_overrides(config_files: Sequence[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` typed against the defaults of the merged ``config_files``: the one converter of
+    command-line values. A key whose default is a JSON boolean receives a boolean (``'false'`` -> ``False``,
+    by :func:`as_bool`); expressions (``$...``, ``@id``) and every other value pass unchanged.
+
+    Keys that do not exist are left to :func:`find_unknown_keys`. Run from the bundle root (the configs'
+    ``%configs/common.json#...`` macros resolve from there).
+
+    Raises:
+        ValueError: a key of :data:`REFUSED` (computed by the workflow), or a boolean key given another text;
+            one line naming the key, why, and what to use instead.
+    """
+    parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
+    parser.resolve_macro_and_relative_ids()
+    defaults = parser.get()
+    typed = dict(overrides)
+    for key, value in overrides.items():
+        if not _exists(defaults, key):
+            continue
+        default = _default(defaults, key)
+        if key in REFUSED and _is_expression(defaults.get(key)):
+            raise ValueError(f"--{key} cannot be overridden: {REFUSED[key]}")
+        if not isinstance(default, bool) or isinstance(value, bool) or _is_expression(value):
+            continue
+        if key in ALSO_TEXT and isinstance(value, str) and value.strip().lower() not in BOOLEAN_WORDS:
+            continue  # e.g. --resume models/checkpoint_diffusion.pt
+        also = f", or {ALSO_TEXT[key]}" if key in ALSO_TEXT else ""
+        try:
+            typed[key] = as_bool(value, f"--{key}")
+        except ValueError:
+            raise ValueError(f"--{key}: expected true or false{also}, got '{value}'.") from None
+    return typed
+
+
+def _active_resolver() -> Any:
+    """The MONAI ``ReferenceResolver`` evaluating the config expression that called us, or ``None``.
+
+    MONAI offers no hook between applying the command line and resolving the config; the first ``initialize``
+    step runs before any other item is resolved, so retyping the resolver's items there reaches every consumer.
+    """
+    from monai.bundle.reference_resolver import ReferenceResolver
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ReferenceResolver):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _retype(resolver: Any, key: str, value: Any) -> None:
+    """Replace the config value of ``key`` (not yet resolved) in ``resolver`` and in its parent container."""
+    key_id = resolver.normalize_id(key)
+    if key_id in resolver.resolved_content:
+        raise RuntimeError(f"'{key}' was resolved before check_overrides(); make it the first initialize step.")
+    resolver.items[key_id].update_config(value)
+    parent, _, last = key_id.rpartition(resolver.sep)
+    container = resolver.items[parent].get_config()
+    container[last if isinstance(container, dict) else int(last)] = value
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> bool:
+    """Check and type the command-line overrides of a ``monai.bundle run``; the first ``initialize`` step of
+    every workflow.
+
+    Fails on an override key that no config file defines, or one of :data:`REFUSED`; types the values by
+    :func:`typed_overrides` and writes the typed values into the running workflow's config, so ``--amp false``
+    is ``False`` for every consumer. Reads ``sys.argv`` by default; does nothing when the process was not started
+    by ``monai.bundle run`` (e.g. the Python API, where overrides are typed keyword arguments).
 
     Raises:
         KeyError: naming the unknown key and the closest known ones.
+        ValueError: a refused key or a boolean key given another text (see :func:`typed_overrides`).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    files, keys = _parse_argv(argv)
-    if not files or not keys:
+    files, overrides = _parse_argv(argv)
+    if not files or not overrides:
         return True
-    unknown = find_unknown_keys(files, keys)
+    unknown = find_unknown_keys(files, list(overrides))
     if unknown:
         key, close = unknown[0]
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -122,5 +228,10 @@ def check_overrides(argv: Sequence[str] | None = None) -> bool:
             f"unknown config key '--{key}': no config file in {files} defines it.{hint} "
             "Fix the override (nested keys are joined with '#')."
         )
+    resolver = _active_resolver()
+    if resolver is not None:  # the values as MONAI received them (python-fire has parsed numbers and lists)
+        overrides = {k: resolver.items[resolver.normalize_id(k)].get_config() for k in overrides}
+    for key, value in typed_overrides(files, overrides).items():
+        if resolver is not None and value is not overrides[key]:
+            _retype(resolver, key, value)
     return True
-

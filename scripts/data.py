@@ -94,7 +94,8 @@ def load_datalist(
         if allow_empty:
             return []
         raise KeyError(
-            f"datalist '{datalist}' has no '{split}' entries (it has: {sorted(k for k, v in content.items() if isinstance(v, list))}). "
+            f"datalist '{datalist}' has no '{split}' entries "
+            f"(it has: {sorted(k for k, v in content.items() if isinstance(v, list))}). "
             f"Add a '{split}' list, or choose another split in the config."
         )
     items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=base_dir)

@@ -65,7 +65,8 @@ def main(stage1_epochs: int | None = None, stage2_epochs: int | None = None, num
         if path is not None:
             print(f"  {prefix}: {path}")
     if latest["generated"] is not None:
-        print(f"  generated volumes: {latest['generated']}/sample_*.nii.gz; montage: {latest['generated'] / 'samples.png'}")
+        print(f"  generated volumes: {latest['generated']}/sample_*.nii.gz; "
+              f"montage: {latest['generated'] / 'samples.png'}")
 
 
 if __name__ == "__main__":

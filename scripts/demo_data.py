@@ -383,7 +383,7 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
     bx, by, bz = coord[:, None, None] / half_fov, coord[None, :, None] / half_fov, coord[None, None, :] / half_fov
     monomials = [bx, by, bz, bx * bx, by * by, bz * bz, bx * by, bx * bz, by * bz]
     coeffs = rng.standard_normal(len(monomials))
-    field = sum(np.float32(c) * m for c, m in zip(coeffs, monomials))
+    field = sum(np.float32(c) * m for c, m in zip(coeffs, monomials, strict=True))
     field = np.broadcast_to(field, image.shape)
     field_max = float(np.abs(field[head_mask]).max()) if head_mask.any() else 1.0
     image = image * (1.0 + np.float32(bias_amp / max(field_max, 1e-6)) * field)
@@ -483,8 +483,8 @@ def make_demo_dataset(
     ``np.random.default_rng([seed, i])``. The last ``num_validation + num_test`` subjects form the
     "validation" and then the "test" split; the rest is "training". If the requested splits would
     leave no training subject (e.g. 8 subjects with the default 4 + 4), they are shrunk so that about
-    half of the subjects train (8 -> 4 / 2 / 2); ``"generator"`` still records the requested values. Files of subjects beyond
-    ``num_subjects`` left over from an earlier, larger run are not deleted (nor listed).
+    half of the subjects train (8 -> 4 / 2 / 2); ``"generator"`` still records the requested values. Files of subjects
+    beyond ``num_subjects`` left over from an earlier, larger run are not deleted (nor listed).
 
     Args:
         output_dir: destination folder (created if needed).

@@ -19,7 +19,8 @@ from scripts.networks import AutoencoderDecoder
 __all__ = ["decode_latents", "diffusion_target", "sample_generators", "sample_latents", "sample_timesteps"]
 
 
-def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Training timesteps, one per batch item: uniform integers for DDPM-family schedulers, the scheduler's own
     (e.g. logit-normal) distribution for rectified flow."""
     if isinstance(scheduler, RFlowScheduler):
@@ -35,7 +36,8 @@ def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor, generator: tor
     return timesteps.long().to(latents.device)
 
 
-def diffusion_target(scheduler: nn.Module, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def diffusion_target(scheduler: nn.Module, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the network learns to predict: the noise (``epsilon``), the velocity (``v_prediction``, Salimans & Ho
     2022), the clean latent (``sample``), or for rectified flow (Liu et al. 2022) the velocity ``x0 - noise``."""
     if isinstance(scheduler, RFlowScheduler):
@@ -77,7 +79,7 @@ def sample_latents(
         scheduler.ets, scheduler.counter, scheduler.cur_sample = [], 0, None
     timesteps = list(scheduler.timesteps)
     next_timesteps = timesteps[1:] + [0]
-    steps = zip(timesteps, next_timesteps)
+    steps = zip(timesteps, next_timesteps, strict=True)
     if progress:
         from tqdm import tqdm
 

@@ -126,9 +126,7 @@ def scaled_lr(base_learning_rate: float, batch_size: int, accumulation_steps: in
         scale: apply the scaling.
         name: the config id, used in the printed line.
     """
-    from scripts.checks import as_bool
-
-    if not as_bool(scale, "scale_lr"):
+    if not scale:
         print_main(f"{name} = base_learning_rate {base_learning_rate:.3e} (scale_lr false: not scaled)")
         return float(base_learning_rate)
     n = world_size()

@@ -13,17 +13,25 @@ from monai.inferers import Inferer
 from torch import nn
 
 from scripts.diffusion import decode_latents, sample_generators, sample_latents
+from scripts.engines.base import amp_dtype_of, autocast_context
 from scripts.nifti import centered_affine, save_nifti
 from scripts.storage import atomic_write_json, file_sha256, new_run_dir
 from scripts.visualize import sample_grid
 
-__all__ = ["generate", "initial_noise"]
+__all__ = ["generate", "initial_noise", "sample_items"]
 
 
-def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int, device: str | torch.device) -> torch.Tensor:
+def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int,
+                  device: str | torch.device) -> torch.Tensor:
     """Starting noise ``(len(indices), *latent_shape)``; sample ``i``'s noise depends only on ``(seed, i)``."""
     generators = sample_generators(seed, indices)  # on CPU: the same noise on any device
     return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
+
+
+def sample_items(num_samples: int, seed: int = 0) -> list[dict[str, int]]:
+    """The samples of a generation run, ``{"index": i, "seed": seed}`` for ``i < num_samples`` (the workflow's
+    ``dataset``); sample ``i`` is a function of its ``(seed, index)`` only."""
+    return [{"index": i, "seed": int(seed)} for i in range(int(num_samples))]
 
 
 def generate(
@@ -43,6 +51,9 @@ def generate(
     decode_inferer: Inferer | None = None,
     record: Mapping[str, Any] | None = None,
     progress: bool = True,
+    samples: Sequence[Mapping[str, int]] | None = None,
+    amp: bool = False,
+    amp_dtype: str = "bfloat16",
 ) -> Path:
     """Generate ``num_samples`` volumes into a new folder ``output_dir/generated_<time>``.
 
@@ -67,24 +78,36 @@ def generate(
         decode_inferer: e.g. a ``SlidingWindowInferer`` over the latent for tiled decoding in bounded memory.
         record: extra facts for the manifest (files named by keys ending in ``_path`` are hashed).
         progress: show progress bars.
+        samples: the samples to draw, ``{"index", "seed"}`` items (:func:`sample_items`); default
+            ``sample_items(num_samples, seed)``.
+        amp: autocast the UNet and the decoder (``amp_dtype``); the written volumes are float32.
+        amp_dtype: ``"bfloat16"`` or ``"float16"``.
     """
     run_dir = new_run_dir(output_dir, "generated")
     network = network.eval().to(device)
     autoencoder = autoencoder.eval().to(device)
     start = time.time()
     files, volumes = [], []
-    batches = [list(range(i, min(i + batch_size, num_samples))) for i in range(0, num_samples, batch_size)]
+    items = list(samples) if samples is not None else sample_items(num_samples, seed)
+    num_samples = len(items)
+    seeds = sorted({int(s["seed"]) for s in items})
+    seed = seeds[0] if len(seeds) == 1 else seed
+    batches = [items[i:i + batch_size] for i in range(0, num_samples, batch_size)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=num_samples, desc=f"generating ({type(scheduler).__name__}, {num_inference_steps} steps)")
-    for indices in batches:
-        noise = initial_noise(latent_shape, indices, seed, device)
-        generators = sample_generators(seed + 1, indices, device=noise.device)
-        latents = sample_latents(network, scheduler, noise, num_inference_steps, generators, progress=progress)
-        images = decode_latents(autoencoder, latents, scale_factor, decode_inferer).float().cpu()
-        for i, image in zip(indices, images):
+    for batch in batches:
+        indices = [int(s["index"]) for s in batch]
+        noise = torch.cat([initial_noise(latent_shape, [int(s["index"])], int(s["seed"]), device) for s in batch])
+        generators = [g for s in batch
+                      for g in sample_generators(int(s["seed"]) + 1, [int(s["index"])], device=noise.device)]
+        with autocast_context(noise.device, amp, amp_dtype_of(amp_dtype)):
+            latents = sample_latents(network, scheduler, noise, num_inference_steps, generators, progress=progress)
+            images = decode_latents(autoencoder, latents, scale_factor, decode_inferer)
+        images = images.float().cpu()
+        for i, image in zip(indices, images, strict=True):
             affine = centered_affine(image.shape[1:], spacing, orientation)
             files.append(save_nifti(image, affine, run_dir / f"sample_{i:04d}.nii.gz"))
             volumes.append((f"sample {i}", image.numpy()))
@@ -101,10 +124,10 @@ def generate(
             facts[key.replace("_path", "_sha256")] = file_sha256(value)
     manifest = {
         "sampler": type(scheduler).__name__, "prediction_type": str(getattr(scheduler, "prediction_type", "")),
-        "num_inference_steps": int(num_inference_steps), "seed": int(seed),
+        "num_inference_steps": int(num_inference_steps), "seed": int(seed) if len(seeds) == 1 else seeds,
         "num_samples": int(num_samples), "batch_size": int(batch_size), "scale_factor": float(scale_factor),
-        "latent_shape": list(latent_shape), "image_shape": list(images.shape[1:]), "spacing_mm": list(map(float, spacing)),
-        "orientation": str(orientation),
+        "latent_shape": list(latent_shape), "image_shape": list(images.shape[1:]),
+        "spacing_mm": list(map(float, spacing)), "orientation": str(orientation),
         "files": [f.name for f in files], "seconds_total": round(seconds, 2),
         "seconds_per_sample": round(seconds / max(num_samples, 1), 2), "device": str(device),
         "torch": torch.__version__, "python": platform.python_version(), **facts,

@@ -27,8 +27,10 @@ from scripts.distributed import is_main_rank
 from scripts.networks import unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
-__all__ = ["PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "posterior",
-           "transform_fingerprint"]
+__all__ = [
+    "PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "posterior",
+    "stage2_dataset", "transform_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ def _describe(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, Mapping):
         return {str(k): _describe(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).round(6).tolist() if np.size(obj) < 64 else list(np.shape(obj))
+        if np.size(obj) >= 64:
+            return list(np.shape(obj))
+        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).round(6).tolist()
     if isinstance(obj, (np.random.RandomState, torch.Generator)) or callable(obj) and not hasattr(obj, "__dict__"):
         return type(obj).__qualname__
     if hasattr(obj, "__dict__"):
@@ -140,7 +144,8 @@ def cached_latents(
         torch.distributed.barrier()
     latents = load_checkpoint(path, what="latent cache")
     if len(latents) != len(items):
-        raise ValueError(f"latent cache '{path}' holds {len(latents)} items, expected {len(items)}; delete it to rebuild.")
+        raise ValueError(f"latent cache '{path}' holds {len(latents)} items, expected {len(items)}; "
+                         "delete it to rebuild.")
     return latents
 
 
@@ -191,11 +196,30 @@ class PrepareLatents(PrepareBatch):
 
 
 def stage2_dataset(latent_cache: bool, posteriors: Sequence[Mapping], items: Sequence[Mapping],
-                   transform: Callable | None = None):
-    """Stage-2 training data: cached posteriors (default), or the images themselves for on-the-fly encoding
-    through ``transform`` (which may hold random augmentation)."""
-    from monai.data import Dataset
+                   transform: Callable | None = None, cache_rate: float = 1.0, num_workers: int = 0,
+                   split: str = "training"):
+    """Stage-2 data: the cached posteriors (default), or the images themselves, encoded on the fly
+    by :class:`PrepareLatents`.
+
+    Args:
+        latent_cache: use the cached posteriors ``{"z_mu", "z_sigma"}`` (latent space, all held in memory: they
+            are small); false: the images of ``items`` through ``transform`` (which may hold random augmentation).
+        posteriors: the cached posteriors of ``items`` (:func:`cached_latents`).
+        items: the datalist items (``{"image": path}``).
+        transform: preprocessing of the images when ``latent_cache`` is false.
+        cache_rate: fraction of the preprocessed images a ``CacheDataset`` keeps in memory when ``latent_cache``
+            is false (the Model Zoo BraTS bundle's ``train#dataset#cache_rate``).
+        num_workers: workers that fill that cache.
+        split: the split's name, for the printed line.
+    """
+    from monai.data import CacheDataset, Dataset
+
+    from scripts.distributed import print_main
 
     if latent_cache:
+        print_main(f"[latents] stage-2 {split} data: {len(posteriors)} cached latents")
         return Dataset(data=[{"z_mu": p["z_mu"], "z_sigma": p["z_sigma"]} for p in posteriors])
-    return Dataset(data=list(items), transform=transform)
+    print_main(f"[latents] stage-2 {split} data: {len(items)} images encoded on the fly "
+               f"(latent_cache false, cache_rate {cache_rate})")
+    return CacheDataset(data=list(items), transform=transform, cache_rate=cache_rate, num_workers=num_workers,
+                        progress=False)

@@ -47,8 +47,8 @@ TEST_ONLY = "test_only_params"
 EPILOG = """examples (from the bundle root):
   python main.py --base configs/train_autoencoder.json -t --name ae max_epochs=2
   torchrun --nproc-per-node=2 main.py --base configs/train_autoencoder.json -t --name ae
-  torchrun --nproc-per-node=2 main.py --base configs/train_autoencoder.json configs/train_diffusion.json -t --name ldm \\
-      load_autoencoder_path=logs/<time>_ae accumulate_grad_batches=2 base_learning_rate=1e-4
+  torchrun --nproc-per-node=2 main.py --base configs/train_autoencoder.json configs/train_diffusion.json \\
+      -t --name ldm load_autoencoder_path=logs/<time>_ae accumulate_grad_batches=2 base_learning_rate=1e-4
   python main.py --base configs/train_autoencoder.json configs/train_diffusion.json --name ldm limit_test_batches=8 \\
       test_only_params#sampler=ddpm          # no -t: generate with the latest run named 'ldm'
   python main.py --resume logs/<time>_ldm -t max_epochs=400   # continue training (also after SIGTERM/SIGUSR1)
@@ -68,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(generation for a diffusion config, reconstruction for an autoencoder config)")
     p.add_argument("-n", "--name", default="", help="experiment name: the run folder is <logdir>/<time>_<name>; "
                    "without -t, the latest run of that name is tested")
-    p.add_argument("-r", "--resume", default="", help="a run folder (or a checkpoint inside it) to continue (-t) or test")
+    p.add_argument("-r", "--resume", default="",
+                   help="a run folder (or a checkpoint inside it) to continue (-t) or test")
     p.add_argument("-l", "--logdir", default="logs", help="folder of the run folders (default: logs)")
     p.add_argument("-f", "--postfix", default="", help="appended to the run folder's name")
     p.add_argument("-s", "--seed", type=int, default=None, help="seed of training and sampling (the config's 'seed')")
     p.add_argument("--scale_lr", type=_boolean, default=None,
-                   help="lr = base_learning_rate x world size x batch size x accumulation (default: the config's scale_lr)")
+                   help="lr = base_learning_rate x world size x batch size x accumulation "
+                        "(default: the config's scale_lr)")
     p.add_argument("--no-test", "--no_test", dest="no_test", action="store_true",
                    help="with -t: do not run the test workflow after training")
     return p
@@ -212,7 +214,8 @@ def find_run(logdir: Path, name: str) -> Path:
     runs = sorted(p for p in logdir.glob(f"*_{name}") if (p / "configs" / "launch.json").is_file()) if name else []
     if not runs:
         raise FileNotFoundError(f"no run named '{name}' under '{logdir}': train it first with "
-                                f"`python main.py --base <config> -t --name {name or '<name>'}`, or pass --resume <run folder>.")
+                                f"`python main.py --base <config> -t --name {name or '<name>'}`, "
+                                "or pass --resume <run folder>.")
     return runs[-1]
 
 
@@ -297,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     general, test_only, limit = apply_aliases(cli)
 
     from scripts import distributed
+    from scripts.checks import typed_overrides
 
     logdir = (cwd / args.logdir).resolve()
     if args.resume:
@@ -332,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = distributed.world_size()
         tfiles = train_files(record["files"], world)
         check_keys(tfiles, record["overrides"], "override")
-        overrides = {**record["overrides"], **paths}
+        overrides = typed_overrides(tfiles, {**record["overrides"], **paths})
         fresh = not (run / "models").is_dir() or not any((run / "models").glob("checkpoint_*.pt"))
         if "load_autoencoder_path" in _load(tfiles):
             copy = run / "models" / "model_autoencoder.pt"
@@ -375,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[target] = record["limit_test_batches"]
     test_only = {**{_hashed(k): v for k, v in _load(record["files"]).get(TEST_ONLY, {}).items()}, **record["test_only"]}
     check_keys(efiles, test_only, TEST_ONLY)
-    overrides.update(test_only)
+    overrides = typed_overrides(efiles, {**overrides, **test_only})
     print(f"test run of {run}: {[Path(f).name for f in efiles]}")
     run_workflow(efiles, overrides)
     return 0

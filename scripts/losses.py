@@ -75,7 +75,7 @@ class LocalPerceptualLoss(nn.Module):
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         total = a.new_zeros(())
-        for fa, fb in zip(self._features(a), self._features(b)):
+        for fa, fb in zip(self._features(a), self._features(b), strict=True):
             fa = fa / (fa.norm(dim=1, keepdim=True) + 1e-10)
             fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
             total = total + (fa - fb).pow(2).sum(dim=1).mean()

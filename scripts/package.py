@@ -1,6 +1,7 @@
 """Package the bundle as a MONAI Model Zoo zip: ``dist/<name>_v<version>.zip`` holding one ``<name>/`` folder.
 
-    python -m scripts.package                       # configs, scripts, docs, LICENSE, README, main.py, large_files.yml, empty models/
+    python -m scripts.package                       # configs, scripts, docs, LICENSE, README, main.py,
+                                                    # large_files.yml, empty models/
     python -m scripts.package --weights true        # also the trained weights in models/
     python -m scripts.package --weights true --weights_url https://host/releases/v0.3.0
                                                     # and list them in large_files.yml with their URL and md5
@@ -101,7 +102,8 @@ def large_files_yaml(models_dir: Path, weights: Sequence[str], url: str) -> str:
 
 def _check_version(version: str, metadata: dict, zip_path: Path, record: dict) -> None:
     if version not in metadata.get("changelog", {}):
-        raise PackageError(f"configs/metadata.json: version {version} has no changelog entry; add one before packaging.")
+        raise PackageError(f"configs/metadata.json: version {version} has no changelog entry; "
+                           "add one before packaging.")
     if zip_path.exists():
         raise PackageError(f"version {version} is already packaged as '{zip_path}'; bump 'version' in "
                            "configs/metadata.json (with a changelog entry) to package again.")

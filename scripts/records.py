@@ -89,7 +89,8 @@ def training_record(settings: Mapping[str, Any], noise_scheduler: Mapping[str, A
 
     return {**{k: _plain(v) for k, v in settings.items()}, "noise_scheduler": _plain(noise_scheduler),
             "intensity_scaling": _plain(intensity or {}), "autoencoder_path": str(autoencoder_path),
-            "autoencoder_sha256": file_sha256(autoencoder_path), "monai": str(monai.__version__), "torch": str(torch.__version__)}
+            "autoencoder_sha256": file_sha256(autoencoder_path), "monai": str(monai.__version__),
+            "torch": str(torch.__version__)}
 
 
 def read_training_record(record_path: str | None, checkpoint_path: str | None = None) -> TrainingRecord:
@@ -123,7 +124,7 @@ def recorded(record: TrainingRecord, key: str, default: Any = _REQUIRED) -> Any:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
     return a == b

@@ -91,7 +91,8 @@ class RespacedDDPMScheduler(DDPMScheduler):
 
     Each step draws from the posterior ``q(x_s | x_t, x0)`` between consecutive inference timesteps ``t > s``, with
     the jump's ``beta = 1 - a_t / a_s`` ("respacing", Nichol & Dhariwal 2021, sec. 4, https://arxiv.org/abs/2102.09672).
-    With all training timesteps it is MONAI's ``DDPMScheduler``; training (``add_noise``, ``get_velocity``) is unchanged.
+    With all training timesteps it is MONAI's ``DDPMScheduler``; training (``add_noise``, ``get_velocity``) is
+    unchanged.
     Arguments: those of ``monai.networks.schedulers.DDPMScheduler``.
     """
 

@@ -59,7 +59,7 @@ def montage(
     items = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
     fig, axes = plt.subplots(len(items), 3, figsize=(7.5, 2.6 * len(items) + (0.4 if title else 0)), squeeze=False)
     for r, (name, volume) in enumerate(items):
-        for c, (view, img) in enumerate(zip(VIEWS, mid_slices(volume))):
+        for c, (view, img) in enumerate(zip(VIEWS, mid_slices(volume), strict=True)):
             ax = axes[r][c]
             ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])
@@ -119,7 +119,8 @@ def sample_grid(
     tiles = [_tile(v) for _, v in items]
     aspect = tiles[0].shape[0] / tiles[0].shape[1]
     fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(tile_inches * columns, (tile_inches * aspect + 0.25) * rows + (0.4 if title else 0)))
+                             figsize=(tile_inches * columns,
+                                      (tile_inches * aspect + 0.25) * rows + (0.4 if title else 0)))
     for k, ax in enumerate(axes.ravel()):
         ax.set_axis_off()
         if k < n:
@@ -145,7 +146,7 @@ def plot_curves(
     for name, points in curves.items():
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         positive &= min(ys) > 0
         ax.plot(xs, ys, label=name, marker="." if len(xs) < 50 else None)
     if positive:

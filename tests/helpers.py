@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_NAME = "meta_schema_20240725.json"
 
 # 32^3 demo volumes, a tiny autoencoder: a stage-1 epoch takes about a second on 2 CPU cores
 TINY = {
@@ -29,7 +33,8 @@ TINY = {
 
 TRAIN_ONLY = ("train_patch_size",)
 GENERATION_ONLY_LACKS = ("train_patch_size", "num_workers")
-TINY_DIFFUSION = {"diffusion_channels": [8, 16, 16], "diffusion_norm_num_groups": 4, "diffusion_num_head_channels": [0, 0, 8]}
+TINY_DIFFUSION = {"diffusion_channels": [8, 16, 16], "diffusion_norm_num_groups": 4,
+                  "diffusion_num_head_channels": [0, 0, 8]}
 
 
 def overrides_for(tmp: Path, infer: bool = False, generate: bool = False, stage2: bool = False, **extra) -> dict:
@@ -67,3 +72,47 @@ def run_bundle(config_files: str | list[str], overrides: dict, check: bool = Tru
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
+
+
+def metadata_schema(roots: Sequence[Path] | None = None) -> Path:
+    """The offline copy of MONAI's bundle metadata schema, ``shared/schema/meta_schema_20240725.json`` in the folder
+    that holds the checkout (CI clones the repository with ``shared/`` beside it; a worktree or a symlinked checkout
+    finds it beside itself too). Skips the calling test when it is missing, except under CI (``CI=true``), where it
+    fails.
+
+    Args:
+        roots: folders to look in for ``shared/``; default: the parent of the checkout, as reached and as resolved.
+    """
+    if roots is None:
+        roots = list(dict.fromkeys([Path(__file__).absolute().parents[2], ROOT.parent]))
+    candidates = [Path(r) / "shared" / "schema" / SCHEMA_NAME for r in roots]
+    for path in candidates:
+        if path.is_file():
+            return path
+    message = f"offline metadata schema not found (looked for {', '.join(map(str, candidates))})"
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{message}; CI must clone the repository with shared/ beside it.")
+    pytest.skip(message)
+
+
+def fake_brats(root: Path, n: int = 5) -> Path:
+    """A Medical Segmentation Decathlon ``Task01_BrainTumour`` folder under ``root`` with ``n`` random 4-channel
+    8^3 volumes (1.1 mm), in the layout ``configs/brats.json`` reads."""
+    import nibabel as nib
+    import numpy as np
+
+    task = root / "Task01_BrainTumour"
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    training = []
+    for i in range(n):
+        img = nib.Nifti1Image(np.random.rand(8, 8, 8, 4).astype(np.float32), np.diag([1.1, 1.1, 1.1, 1]))
+        lab = nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.diag([1.1, 1.1, 1.1, 1]))
+        nib.save(img, task / "imagesTr" / f"BRATS_{i:03d}.nii.gz")
+        nib.save(lab, task / "labelsTr" / f"BRATS_{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "BRATS", "description": "fake", "reference": "", "licence": "", "release": "", "tensorImageSize": "4D",
+        "training": training, "test": [], "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background"}, "numTraining": n, "numTest": 0}))
+    return task

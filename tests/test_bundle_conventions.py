@@ -1,20 +1,52 @@
-"""MONAI bundle conventions: metadata schema, network in/out shapes, workflow properties, one definition per network."""
+"""MONAI bundle conventions: metadata schema, network in/out shapes, workflow properties, one definition per network,
+every config id read by something."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.properties import InferProperties, MetaProperties, TrainProperties
+from monai.bundle.reference_resolver import ReferenceResolver
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, fake_brats, metadata_schema, overrides_for
 
-SCHEMA = ROOT.parent / "shared" / "schema" / "meta_schema_20240725.json"
 WORKFLOWS = ["configs/train_autoencoder.json", "configs/inference_autoencoder.json"]
 MACRO_WORKFLOWS = [*WORKFLOWS, "configs/inference.json", "configs/evaluate.json"]
 STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
+
+COMMON, TRAIN_AE, TRAIN_DIFF = "configs/common.json", "configs/train_autoencoder.json", "configs/train_diffusion.json"
+INFER_AE, GENERATE, EVALUATE = "configs/inference_autoencoder.json", "configs/inference.json", "configs/evaluate.json"
+VQVAE, BRATS = "configs/vqvae.json", "configs/brats.json"
+MULTI_AE, MULTI_DIFF = "configs/multi_gpu_train_autoencoder.json", "configs/multi_gpu_train_diffusion.json"
+
+#: every workflow the README and the configs' comments show: name -> (config files, MONAI workflow type, data kind
+#: of tests.helpers.overrides_for)
+ALL_WORKFLOWS = {
+    "stage1": ([TRAIN_AE], "train", "train"),
+    "reconstruction": ([INFER_AE], "infer", "infer"),
+    "stage2": ([TRAIN_AE, TRAIN_DIFF], "train", "stage2"),
+    "stage2_from_common": ([COMMON, TRAIN_DIFF], "train", "stage2"),
+    "generation": ([GENERATE], "infer", "generate"),
+    "evaluation": ([EVALUATE], "infer", "infer"),
+    "vqvae_stage1": ([TRAIN_AE, VQVAE], "train", "train"),
+    "vqvae_reconstruction": ([INFER_AE, VQVAE], "infer", "infer"),
+    "vqvae_stage2": ([TRAIN_AE, VQVAE, TRAIN_DIFF], "train", "stage2"),
+    "vqvae_generation": ([GENERATE, VQVAE], "infer", "generate"),
+    "brats_stage1": ([TRAIN_AE, BRATS], "train", "train"),
+    "brats_reconstruction": ([INFER_AE, BRATS], "infer", "infer"),
+    "brats_stage2": ([TRAIN_AE, TRAIN_DIFF, BRATS], "train", "stage2"),
+    "brats_generation": ([GENERATE, BRATS], "infer", "generate"),
+    "multi_gpu_stage1": ([TRAIN_AE, MULTI_AE], "train", "train"),
+    "multi_gpu_stage2": ([TRAIN_AE, TRAIN_DIFF, MULTI_AE, MULTI_DIFF], "train", "stage2"),
+    "multi_gpu_stage2_from_common": ([COMMON, TRAIN_DIFF, MULTI_DIFF], "train", "stage2"),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +59,9 @@ def _cli(*args):
                           check=False)
 
 
-@pytest.mark.skipif(not SCHEMA.is_file(), reason="offline schema copy lives in ../shared")
 def test_metadata_verifies_against_schema():
-    proc = _cli("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA))
+    schema = metadata_schema()  # skips without ../shared, fails instead under CI
+    proc = _cli("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(schema))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
 
@@ -52,26 +84,66 @@ def test_verify_net_in_out_diffusion_unet():
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("config_file,workflow_type", [(WORKFLOWS[0], "train"), (WORKFLOWS[1], "infer")],
-                         ids=["stage1", "reconstruction"])
-def test_workflow_properties(config_file, workflow_type, tmp_path):
-    # bundle_root in tmp_path: resolving the trainer writes demo data and a run folder, never into the checkout
-    wf = ConfigWorkflow(config_file=config_file, meta_file="configs/metadata.json", logging_file=False,
-                        workflow_type=workflow_type, bundle_root=str(tmp_path), demo_size=32, demo_num_subjects=6)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Demo data for the tiny workflows, and a fake Decathlon BraTS folder for the brats overlay."""
+    tmp = tmp_path_factory.mktemp("properties_data")
+    fake_brats(tmp / "data", n=6)
+    return tmp / "data"
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A one-process Gloo group, so that the multi-GPU overlays' DistributedSamplers build in-process."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _save_untrained_autoencoder(wf, models: Path) -> None:
+    """Stage 2 encodes its latents while its properties resolve: give it (untrained) autoencoder weights."""
+    parser = ConfigParser(wf.parser.get())
+    parser.parse()
+    models.mkdir(parents=True, exist_ok=True)
+    torch.save(parser.get_parsed_content("autoencoder_def").state_dict(), models / "model_autoencoder.pt")
+
+
+@pytest.mark.parametrize("name", list(ALL_WORKFLOWS))
+def test_every_workflow_passes_check_properties(name, data, tmp_path, request):
+    """MONAI's required properties of each workflow's type exist and resolve (train: trainer, datasets, handlers
+    as dicts; infer: dataset, evaluator, inferer, network_def), for the plain workflows and their overlays."""
+    files, workflow_type, kind = ALL_WORKFLOWS[name]
+    if MULTI_AE in files or MULTI_DIFF in files:
+        request.getfixturevalue("single_process_group")
+    ov = overrides_for(tmp_path, infer=kind == "infer", generate=kind == "generate", stage2=kind == "stage2",
+                       dataset_dir=str(data), demo_data_dir=str(data / "demo"), demo_num_subjects=6)
+    if BRATS in files:  # its Decathlon datalists, with the tiny networks
+        ov.pop("demo_data_dir")
+        ov["diffusion_attention_levels"] = [False, False, True]
+    else:
+        ov["dataset_dir"] = ov["demo_data_dir"]
+    if kind == "generate":
+        ov["scale_factor"] = 1.0  # no stage-2 checkpoint to read it from
+    # bundle_root in tmp_path: resolving the trainer writes a run folder, never into the checkout
+    wf = ConfigWorkflow(config_file=files, meta_file="configs/metadata.json", logging_file=False,
+                        workflow_type=workflow_type, bundle_root=str(tmp_path), **ov)
+    if kind == "stage2":
+        _save_untrained_autoencoder(wf, tmp_path / "models")
     wf.parser.parse()  # properties are checked on the parsed config; the initialize expressions need weights
     wf._is_initialized = True
-    assert wf.check_properties() in (None, [])
+    assert wf.check_properties() == []
 
 
 @pytest.mark.parametrize("config_file", MACRO_WORKFLOWS)
 def test_every_workflow_takes_every_shared_definition_from_common(config_file):
     common = json.loads((ROOT / "configs" / "common.json").read_text())
     workflow = json.loads((ROOT / config_file).read_text())
-    # stage-1 inference's network_def is the autoencoder (reconstruction wrapper), as MONAI's infer properties expect;
-    # generation takes the noise schedule, spacing and orientation from the training record, and from common.json
-    # (its `recipe`) only for weights without a record
+    # MONAI's infer property network_def is the workflow's own network: the autoencoder (reconstruction wrapper) in
+    # stage-1 inference, the feature network in evaluation; generation takes the noise schedule, spacing and
+    # orientation from the training record, and from common.json (its `recipe`) only for weights without a record
     recipe = workflow.get("recipe", {}) if config_file == "configs/inference.json" else {}
-    own = {"configs/inference_autoencoder.json": {"network_def"}}.get(config_file, set()) | set(recipe)
+    own = {"configs/inference_autoencoder.json": {"network_def"},
+           "configs/evaluate.json": {"network_def"}}.get(config_file, set()) | set(recipe)
     for key in (k for k in common if not k.startswith("_") and k not in own):
         assert workflow.get(key) == f"%configs/common.json#{key}", f"{config_file}: '{key}' must be a macro"
     for key in recipe:
@@ -102,3 +174,93 @@ def test_stage2_training_and_generation_build_the_same_unet():
         nets.append(parser.get_parsed_content("network_def").state_dict())
     for other in nets[1:]:
         assert list(other) == list(nets[0]) and all(other[k].shape == nets[0][k].shape for k in other)
+
+
+# ---- every top-level id is read by something ----------------------------------------------------------------------
+
+#: what MONAI itself runs or reads: the workflow's entry points
+ENTRY_POINTS = {"imports", "initialize", "run", "finalize", "+initialize", "+finalize"}
+#: read by main.py (scripts/launch.py): the test workflow of a training run and the torchrun overlay
+LAUNCHER_KEYS = ("test_config", "multi_gpu_overlay")
+#: settings every workflow must act on when it accepts them (a workflow that ignores --amp must not take it)
+RUNTIME_SETTINGS = ("amp", "amp_dtype", "device")
+#: ids read by nothing else, with the reason they exist
+ALLOWED_UNREAD: dict[str, str] = {}
+
+
+def _top(ref: str) -> str:
+    return re.split(r"::|#", ref)[0]
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def _read_ids(files) -> tuple[set[str], set[str]]:
+    """(top-level ids, ids referenced by another top-level id) of the merged, macro-resolved config."""
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser.resolve_macro_and_relative_ids()
+    config = parser.get()
+    read = {_top(ref) for key, value in config.items() for s in _strings(value)
+            for ref in ReferenceResolver.match_refs_pattern(s) if _top(ref) != key}
+    return set(config), read
+
+
+def _property_ids(workflow_type: str) -> set[str]:
+    """Top-level ids of MONAI's bundle properties of ``workflow_type`` (read through ``ConfigWorkflow``)."""
+    properties = {**MetaProperties, **(TrainProperties if workflow_type == "train" else InferProperties)}
+    return {_top(p["id"]) for p in properties.values()}
+
+
+def _documented_net_ids() -> set[str]:
+    """Ids named by the documented ``--net_id`` commands (``verify_net_in_out``, ``ckpt_export``)."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "README.md").read_text()
+    return set(re.findall(r"--net_id (\w+)", text))
+
+
+def _is_read(key: str, workflow: str) -> bool:
+    files, workflow_type, _ = ALL_WORKFLOWS[workflow]
+    return key in READS[workflow] or key in _property_ids(workflow_type)
+
+
+READS = {name: _read_ids(files)[1] for name, (files, _, _) in ALL_WORKFLOWS.items()}
+
+
+def test_launcher_keys_are_read_by_the_launcher():
+    launch = (ROOT / "scripts" / "launch.py").read_text()
+    assert all(f'"{key}"' in launch for key in LAUNCHER_KEYS)
+
+
+@pytest.mark.parametrize("config_file", [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE, VQVAE, BRATS, MULTI_AE,
+                                         MULTI_DIFF])
+def test_every_id_a_config_defines_is_read_by_a_workflow_using_it(config_file):
+    """Each top-level id a config file defines (not a shared definition it takes from common.json, not a nested
+    '#' edit of an overlay) is referenced by another id in some workflow that merges the file, or is an entry
+    point, a MONAI property of that workflow's type, a key main.py reads, or a documented --net_id."""
+    content = json.loads((ROOT / config_file).read_text())
+    own = [k for k, v in content.items()
+           if not k.startswith("_") and "#" not in k and v != f"%configs/common.json#{k}"]
+    users = [name for name, (files, _, _) in ALL_WORKFLOWS.items() if config_file in files]
+    exempt = ENTRY_POINTS | set(LAUNCHER_KEYS) | _documented_net_ids() | set(ALLOWED_UNREAD)
+    unread = [k for k in own if k not in exempt and not any(_is_read(k, w) for w in users)]
+    assert not unread, f"{config_file}: ids no workflow reads (use, drop, or allow them with a reason): {unread}"
+
+
+def test_every_shared_definition_is_read_by_some_workflow():
+    common = [k for k in json.loads((ROOT / COMMON).read_text()) if not k.startswith("_") and k not in ENTRY_POINTS]
+    unread = [k for k in common if not any(_is_read(k, w) for w in ALL_WORKFLOWS)]
+    assert not unread, f"configs/common.json ids that no workflow reads: {unread}"
+
+
+@pytest.mark.parametrize("name", list(ALL_WORKFLOWS))
+def test_every_workflow_acts_on_the_runtime_settings_it_accepts(name):
+    defined, read = _read_ids(ALL_WORKFLOWS[name][0])
+    ignored = [k for k in RUNTIME_SETTINGS if k in defined and k not in read]
+    assert not ignored, f"{name} accepts {ignored} on the command line and uses none of them"

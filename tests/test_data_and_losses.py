@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
 from scripts.data import SelectChanneld, decathlon_items, load_datalist
 from scripts.losses import AutoencoderLoss, LocalPerceptualLoss, kl_divergence
-
-
-def _fake_brats(root, n=5):
-    task = root / "Task01_BrainTumour"
-    (task / "imagesTr").mkdir(parents=True)
-    (task / "labelsTr").mkdir()
-    training = []
-    for i in range(n):
-        img = nib.Nifti1Image(np.random.rand(8, 8, 8, 4).astype(np.float32), np.diag([1.1, 1.1, 1.1, 1]))
-        lab = nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.diag([1.1, 1.1, 1.1, 1]))
-        nib.save(img, task / "imagesTr" / f"BRATS_{i:03d}.nii.gz")
-        nib.save(lab, task / "labelsTr" / f"BRATS_{i:03d}.nii.gz")
-        training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
-    (task / "dataset.json").write_text(json.dumps({"name": "BRATS", "description": "fake", "reference": "", "licence": "",
-                                                   "release": "", "tensorImageSize": "4D", "training": training, "test": [],
-                                                   "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                                                   "labels": {"0": "background"}, "numTraining": n, "numTest": 0}))
-    return task
+from tests.helpers import fake_brats
 
 
 def test_decathlon_sections_split_like_monai(tmp_path):
-    _fake_brats(tmp_path)
+    fake_brats(tmp_path)
     train = decathlon_items(str(tmp_path), "Task01_BrainTumour", "training", val_frac=0.2)
     val = decathlon_items(str(tmp_path), "Task01_BrainTumour", "validation", val_frac=0.2)
     assert len(train) == 4 and len(val) == 1

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # allow plain `pytest` as well as `python -m pytest` from the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.demo_data import (
+from scripts.demo_data import (  # noqa: E402 (after the sys.path fallback above)
     GENERATOR_VERSION,
     demo_affine,
     ensure_demo_data,

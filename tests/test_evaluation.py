@@ -134,7 +134,8 @@ def test_evaluation_writes_metrics_and_report_with_figures(evaluated):
         assert f"({figure})" in report and (folder / figure).stat().st_size > 1000
     assert "FID (random features)" in report and "not comparable with published FIDs" in report
     meta = json.loads((tmp / "metadata.json").read_text())
-    assert meta["eval_metrics"]["FID (random features)"] == pytest.approx(rows["generated"]["FID (random features)"], rel=1e-4)
+    fid = rows["generated"]["FID (random features)"]
+    assert meta["eval_metrics"]["FID (random features)"] == pytest.approx(fid, rel=1e-4)
     assert "real-vs-real floor" in proc.stdout
 
 

@@ -53,7 +53,8 @@ def test_package_layout_and_unzipped_bundle_runs_elsewhere(tmp_path):
     run_bundle("configs/train_autoencoder.json", {**ov, "max_epochs": 1, "val_interval": 5}, cwd=bundle)
     infer = {k: v for k, v in ov.items() if k != "train_patch_size"}
     run_bundle("configs/inference_autoencoder.json", infer, cwd=bundle)
-    assert (bundle / "models" / "model_autoencoder.pt").is_file() and (bundle / "data" / "demo" / "datalist.json").is_file()
+    assert (bundle / "models" / "model_autoencoder.pt").is_file()
+    assert (bundle / "data" / "demo" / "datalist.json").is_file()
     summary = json.loads(next((bundle / "outputs").glob("reconstruction_*/summary.json")).read_text())
     assert summary["num_volumes"] == 2
 

@@ -44,7 +44,8 @@ def test_training_writes_checkpoints_previews_and_loss_goes_down(trained):
     assert all(torch.equal(weights[k], state["autoencoder"][k]) for k in weights)
 
     run_dir = _run_dir(tmp, "train_autoencoder")[-1]
-    assert sorted(p.name for p in (run_dir / "previews").glob("*.png")) == ["stage1_epoch0001.png", "stage1_epoch0002.png"]
+    previews = sorted(p.name for p in (run_dir / "previews").glob("*.png"))
+    assert previews == ["stage1_epoch0001.png", "stage1_epoch0002.png"]
     assert (run_dir / "loss_curves.png").stat().st_size > 1000
     assert list(run_dir.glob("events.out.tfevents.*"))
     curves = json.loads((run_dir / "loss_curves.json").read_text())
@@ -73,7 +74,7 @@ def test_reconstruction_writes_nifti_with_source_affine_and_never_overwrites(tra
     out = runs[0]
     datalist = json.loads((tmp / "data" / "datalist.json").read_text())
     test_subjects = [item["subject"] for item in datalist["test"]]
-    for subject, item in zip(test_subjects, datalist["test"]):
+    for subject, item in zip(test_subjects, datalist["test"], strict=True):
         source = nib.load(tmp / "data" / item["image"])
         for kind in ("input", "reconstruction"):
             img = nib.load(out / f"{subject}_{kind}.nii.gz")

@@ -40,8 +40,10 @@ def test_stage2_writes_weights_cache_previews_and_scale_factor(trained):
     assert state["engine"]["epoch"] == 2 == record["epoch"]
     assert {k: v for k, v in record.items() if k in state["record"]} == state["record"]
     assert record["noise_scheduler_type"] == "ddpm" and record["prediction_type"] == "v_prediction"
-    assert 0.05 < record["scale_factor"] < 20 and f"latent scale factor: {round(record['scale_factor'], 5)}" in proc.stdout
-    assert record["latent_shape"] == [4, 8, 8, 8] and record["spacing"] == [3.0, 3.0, 3.0] and record["orientation"] == "RAS"
+    assert 0.05 < record["scale_factor"] < 20
+    assert f"latent scale factor: {round(record['scale_factor'], 5)}" in proc.stdout
+    assert record["latent_shape"] == [4, 8, 8, 8] and record["spacing"] == [3.0, 3.0, 3.0]
+    assert record["orientation"] == "RAS"
     assert record["noise_scheduler"]["class"] == "scripts.schedulers.RespacedDDPMScheduler"
     assert record["noise_scheduler"]["settings"]["prediction_type"] == "v_prediction"
     assert {k: record["noise_scheduler"]["settings"][k] for k in ("num_train_timesteps", "beta_start", "beta_end")} == {
@@ -108,7 +110,8 @@ def test_generation_refuses_a_sampler_of_the_other_family(trained):
     tmp, _, _ = trained
     proc = run_bundle(GENERATE, overrides_for(tmp, generate=True, sampler="rflow"), check=False)
     assert proc.returncode != 0
-    assert "sampler='rflow' cannot sample a model trained with noise_scheduler_type='ddpm'" in proc.stderr.splitlines()[-1]
+    last = proc.stderr.splitlines()[-1]
+    assert "sampler='rflow' cannot sample a model trained with noise_scheduler_type='ddpm'" in last
 
 
 def test_generation_refuses_an_override_that_contradicts_the_training_record(trained):
@@ -122,7 +125,8 @@ def test_generation_refuses_an_override_that_contradicts_the_training_record(tra
 def test_generation_rejects_inconsistent_image_size(trained):
     tmp, _, _ = trained
     proc = run_bundle(GENERATE, overrides_for(tmp, generate=True, image_size=[30, 32, 32]), check=False)
-    assert "image_size=[30, 32, 32] is not divisible by the autoencoder's downsampling factor 4" in proc.stderr.splitlines()[-1]
+    last = proc.stderr.splitlines()[-1]
+    assert "image_size=[30, 32, 32] is not divisible by the autoencoder's downsampling factor 4" in last
 
 
 def test_ckpt_export_unet_and_decoder_match_eager(trained):
@@ -155,4 +159,5 @@ def test_ckpt_export_unet_and_decoder_match_eager(trained):
     scale = json.loads((models / "model_record.json").read_text())["scale_factor"]
     z = torch.randn(1, 4, 8, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(tmp / "decoder.ts"))(z), ae.decode(z / scale), atol=1e-4, rtol=1e-4)
+        exported = torch.jit.load(str(tmp / "decoder.ts"))(z)
+        torch.testing.assert_close(exported, ae.decode(z / scale), atol=1e-4, rtol=1e-4)

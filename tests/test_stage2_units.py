@@ -16,8 +16,9 @@ from torch import nn
 
 from scripts.diffusion import decode_latents, sample_latents
 from scripts.engines import LatentDiffusionTrainer
+from scripts.engines.base import AutocastInferer
 from scripts.generation import generate, initial_noise
-from scripts.handlers import EMA
+from scripts.handlers import EMA, EMAUpdate
 from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
 from scripts.networks import latent_spatial_shape
 from scripts.schedulers import check_sampler
@@ -32,8 +33,9 @@ def tiny_autoencoder() -> AutoencoderKL:
 
 def tiny_unet() -> DiffusionModelUNet:
     torch.manual_seed(1)
-    return DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 8), attention_levels=(False, False),
-                              num_res_blocks=1, norm_num_groups=4, num_head_channels=8).eval()
+    return DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 8),
+                              attention_levels=(False, False), num_res_blocks=1, norm_num_groups=4,
+                              num_head_channels=8).eval()
 
 
 def test_cached_latents_give_the_same_loss_as_on_the_fly_encoding():
@@ -45,8 +47,8 @@ def test_cached_latents_give_the_same_loss_as_on_the_fly_encoding():
     losses = []
     for batch in ({"z_mu": z_mu, "z_sigma": z_sigma}, {"image": images}):
         trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=unet,
-                                         optimizer=torch.optim.SGD(unet.parameters(), lr=0.0), noise_scheduler=scheduler,
-                                         scale_factor=0.7, prepare_batch=PrepareLatents(ae))
+                                         optimizer=torch.optim.SGD(unet.parameters(), lr=0.0),
+                                         noise_scheduler=scheduler, scale_factor=0.7, prepare_batch=PrepareLatents(ae))
         torch.manual_seed(123)  # same latent draw, noise and timesteps
         trainer.run()
         losses.append(trainer.state.output["loss"].item())
@@ -65,7 +67,8 @@ def test_latent_draws_differ_each_iteration():
 
     net = Spy()
     net.p = nn.Parameter(torch.zeros(1))
-    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[{"z_mu": z_mu, "z_sigma": z_sigma}] * 2,
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1,
+                                     train_data_loader=[{"z_mu": z_mu, "z_sigma": z_sigma}] * 2,
                                      network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
                                      noise_scheduler=DDPMScheduler(num_train_timesteps=10), scale_factor=1.0)
     trainer.run()
@@ -87,6 +90,19 @@ def test_ema_update_follows_formula():
     ema.update()
     torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * net.weight.detach())
     assert set(ema.state_dict()) == set(net.state_dict())
+
+
+def test_ema_update_handler_updates_after_each_optimiser_step():
+    from ignite.engine import Engine
+
+    net = nn.Linear(3, 1)
+    ema = EMA(net, decay=0.5)
+    engine = Engine(lambda e, b: net.weight.data.add_(1.0))
+    engine.is_step_iteration = lambda: engine.state.iteration % 2 == 0  # accumulation over 2 iterations
+    EMAUpdate(ema).attach(engine)
+    before = ema.module.weight.detach().clone()
+    engine.run([0, 1], max_epochs=1)
+    torch.testing.assert_close(ema.module.weight, 0.5 * before + 0.5 * net.weight.detach())  # one update
 
 
 def test_cache_key_changes_with_autoencoder_weights_and_transform(tmp_path):
@@ -121,12 +137,12 @@ def test_sampler_runs_the_requested_steps(scheduler):
     assert len(calls) == 7
 
 
-@pytest.mark.parametrize("make", [lambda: DDPMScheduler(num_train_timesteps=20), lambda: DDIMScheduler(num_train_timesteps=20)],
-                         ids=["ddpm", "ddim"])
+@pytest.mark.parametrize("make", [lambda: DDPMScheduler(num_train_timesteps=20),
+                                  lambda: DDIMScheduler(num_train_timesteps=20)], ids=["ddpm", "ddim"])
 def test_sample_depends_on_seed_and_index_not_batch_size(make, tmp_path):
     ae, unet = tiny_autoencoder(), tiny_unet()
-    common = {"network": unet, "autoencoder": ae, "scale_factor": 1.0, "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0],
-                  "num_samples": 3, "seed": 5, "num_inference_steps": 4, "progress": False}
+    common = {"network": unet, "autoencoder": ae, "scale_factor": 1.0, "latent_shape": [2, 4, 4, 4],
+              "spacing": [2.0, 2.0, 2.0], "num_samples": 3, "seed": 5, "num_inference_steps": 4, "progress": False}
     runs = [generate(scheduler=make(), output_dir=str(tmp_path), batch_size=b, **common) for b in (1, 3)]
     import nibabel as nib
 
@@ -136,6 +152,43 @@ def test_sample_depends_on_seed_and_index_not_batch_size(make, tmp_path):
     first = nib.load(runs[0] / "sample_0000.nii.gz").get_fdata()
     assert abs(first - nib.load(runs[0] / "sample_0001.nii.gz").get_fdata()).max() > 1e-4
     assert runs[0] != runs[1], "a second run writes a new folder"
+
+
+def test_generation_draws_the_samples_of_its_dataset(tmp_path):
+    """The workflow's dataset (index, seed items) chooses the samples: item {index 2, seed 5} is sample 2 of a
+    seed-5 run."""
+    import nibabel as nib
+
+    common = {"network": tiny_unet(), "autoencoder": tiny_autoencoder(), "scale_factor": 1.0,
+              "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "num_inference_steps": 3, "progress": False,
+              "scheduler": DDIMScheduler(num_train_timesteps=20)}
+    full = generate(output_dir=str(tmp_path / "a"), num_samples=3, seed=5, **common)
+    picked = generate(output_dir=str(tmp_path / "b"), samples=[{"index": 2, "seed": 5}], **common)
+    assert sorted(p.name for p in picked.glob("*.nii.gz")) == ["sample_0002.nii.gz"]
+    a, b = (nib.load(r / "sample_0002.nii.gz").get_fdata() for r in (full, picked))
+    assert abs(a - b).max() < 1e-6
+
+
+def test_generation_amp_autocasts_the_unet_and_decoder(tmp_path):
+    import nibabel as nib
+
+    common = {"network": tiny_unet(), "autoencoder": tiny_autoencoder(), "scale_factor": 1.0,
+              "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "num_samples": 1, "num_inference_steps": 3,
+              "progress": False, "scheduler": DDIMScheduler(num_train_timesteps=20)}
+    plain, autocast = (generate(output_dir=str(tmp_path / str(amp)), amp=amp, **common) for amp in (False, True))
+    a, b = (nib.load(r / "sample_0000.nii.gz") for r in (plain, autocast))
+    assert b.get_data_dtype() == a.get_data_dtype() == "float32"
+    assert abs(a.get_fdata() - b.get_fdata()).max() > 1e-4
+
+
+def test_autocast_inferer_runs_the_network_in_low_precision_and_returns_float32():
+    ae = tiny_autoencoder()
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        plain = AutocastInferer(amp=False)(x, ae.reconstruct)
+        autocast = AutocastInferer(amp=True)(x, ae.reconstruct)
+    assert plain.dtype == autocast.dtype == torch.float32
+    assert (plain - autocast).abs().max() > 1e-4
 
 
 def test_initial_noise_is_per_index():
@@ -159,7 +212,8 @@ def test_tiled_decode_matches_full_decode():
     full = decode_latents(ae, z, 0.5)
     one_tile = decode_latents(ae, z, 0.5, SlidingWindowInferer(roi_size=[8, 8, 8], sw_batch_size=1))
     torch.testing.assert_close(one_tile, full)
-    tiled = decode_latents(ae, z, 0.5, SlidingWindowInferer(roi_size=[6, 6, 6], sw_batch_size=1, overlap=0.5, mode="gaussian"))
+    tiles = SlidingWindowInferer(roi_size=[6, 6, 6], sw_batch_size=1, overlap=0.5, mode="gaussian")
+    tiled = decode_latents(ae, z, 0.5, tiles)
     assert tiled.shape == full.shape == (1, 1, 16, 16, 16)
     # GroupNorm statistics are per tile, so several tiles only approximate the full decode
     correlation = torch.corrcoef(torch.stack([tiled.flatten(), full.flatten()]))[0, 1]
@@ -167,7 +221,8 @@ def test_tiled_decode_matches_full_decode():
 
 
 def test_latent_shape_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"image_size=\[31, 32, 32\] is not divisible by the autoencoder's downsampling factor 2"):
+    with pytest.raises(ValueError,
+                       match=r"image_size=\[31, 32, 32\] is not divisible by the autoencoder's downsampling factor 2"):
         latent_spatial_shape([31, 32, 32], tiny_autoencoder(), "image_size")
 
 
@@ -184,7 +239,8 @@ def test_ddpm_prediction_types_train(prediction_type):
     trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[{"z_mu": torch.randn(2, 2, 4, 4, 4),
                                      "z_sigma": torch.full((2, 2, 4, 4, 4), 0.1)}], network=unet,
                                      optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
-                                     noise_scheduler=DDPMScheduler(num_train_timesteps=50, prediction_type=prediction_type),
+                                     noise_scheduler=DDPMScheduler(num_train_timesteps=50,
+                                                                   prediction_type=prediction_type),
                                      scale_factor=1.0)
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
@@ -201,7 +257,8 @@ def test_rectified_flow_trains_on_the_velocity_target():
     torch.testing.assert_close(sample_timesteps(scheduler, x0, torch.Generator().manual_seed(0)), t)
     torch.testing.assert_close(diffusion_target(scheduler, x0, noise, t), x0 - noise)
     unet = tiny_unet()
-    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=2, train_data_loader=[{"z_mu": x0, "z_sigma": torch.full_like(x0, 0.1)}],
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=2,
+                                     train_data_loader=[{"z_mu": x0, "z_sigma": torch.full_like(x0, 0.1)}],
                                      network=unet, optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
                                      noise_scheduler=scheduler, scale_factor=1.0)
     trainer.run()
@@ -223,7 +280,8 @@ def test_scale_factor_is_applied_once_each_way():
         return torch.zeros_like(inputs, requires_grad=True)
 
     net = nn.Linear(1, 1)
-    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, network=net,
+                                     optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
                                      train_data_loader=[{"z_mu": z_mu, "z_sigma": torch.zeros_like(z_mu)}],
                                      noise_scheduler=DDPMScheduler(num_train_timesteps=10), scale_factor=0.3,
                                      inferer=inferer)

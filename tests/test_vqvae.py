@@ -119,7 +119,8 @@ def test_dead_codes_are_counted_logged_and_reinitialised_from_encoder_outputs():
 
 @pytest.fixture(scope="module")
 def vq_trained(tmp_path_factory):
-    """A tiny VQ-VAE stage 1 (2 epochs; the overlay switches dead-code re-initialisation on) and a tiny stage 2 on its latents."""
+    """A tiny VQ-VAE stage 1 (2 epochs; the overlay switches dead-code re-initialisation on) and a tiny stage 2 on
+    its latents."""
     tmp = tmp_path_factory.mktemp("vqvae")
     stage1 = run_bundle(VQ_TRAIN, overrides_for(tmp, max_epochs=2, val_interval=2, lr=1e-3, adversarial_weight=0.01,
                                                 adversarial_warmup_epochs=1,
@@ -168,8 +169,9 @@ def test_vq_stage2_and_generation_run_on_quantised_latents(vq_trained):
     assert [nib.load(p).shape for p in sorted(out.glob("sample_*.nii.gz"))] == [(32, 32, 32)] * 2
 
     # the decoder path exports through `monai.bundle ckpt_export` and matches the eager VQVAE (nearest codes, decode)
-    run_bundle(VQ_GENERATE, {**ov, "net_id": "export_decoder_def", "filepath": str(tmp / "decoder.ts"), "use_trace": True,
-                             "input_shape": [1, 4, 8, 8, 8], "ckpt_file": str(tmp / "models" / "model_autoencoder.pt"),
+    run_bundle(VQ_GENERATE, {**ov, "net_id": "export_decoder_def", "filepath": str(tmp / "decoder.ts"),
+                             "use_trace": True, "input_shape": [1, 4, 8, 8, 8],
+                             "ckpt_file": str(tmp / "models" / "model_autoencoder.pt"),
                              "meta_file": "configs/metadata.json"}, subcommand="ckpt_export")
     ae = tiny_vqvae().eval()
     ae.load_state_dict(torch.load(tmp / "models" / "model_autoencoder.pt", weights_only=True))

@@ -1,14 +1,17 @@
-"""Ignite engines built on MONAI's: the stage-1 and stage-2 trainers."""
+"""Ignite engines built on MONAI's: the stage-1 and stage-2 trainers, and the autocast inferer of inference."""
 
 from scripts.engines.autoencoder_trainer import AutoencoderTrainer
 from scripts.engines.base import (
+    AutocastInferer,
     GenerativeTrainer,
     NonFiniteLossError,
     OptimizerStep,
     loss_output,
 )
 
-__all__ = ["AutoencoderTrainer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "loss_output"]
+__all__ = [
+    "AutocastInferer", "AutoencoderTrainer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "loss_output",
+]
 from scripts.engines.diffusion_trainer import (
     LatentDiffusionEvaluator,
     LatentDiffusionTrainer,

@@ -97,7 +97,7 @@ class AutoencoderTrainer(GenerativeTrainer):
         try:
             return discriminator(images)[-1]
         finally:
-            for p, flag in zip(discriminator.parameters(), flags):
+            for p, flag in zip(discriminator.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
 
     def _iteration(self, engine: AutoencoderTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
@@ -134,4 +134,5 @@ class AutoencoderTrainer(GenerativeTrainer):
                     engine.d_step.step()
             losses["d_loss"] = float(d_loss.detach())
 
-        return {CommonKeys.IMAGE: images, CommonKeys.PRED: recon.detach(), CommonKeys.LOSS: g_loss.detach(), "losses": losses}
+        return {CommonKeys.IMAGE: images, CommonKeys.PRED: recon.detach(), CommonKeys.LOSS: g_loss.detach(),
+                "losses": losses}

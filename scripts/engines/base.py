@@ -21,7 +21,10 @@ from torch.optim import Optimizer
 from scripts.data import PrepareImage
 from scripts.handlers.tracking import adapt_tracking_handlers
 
-__all__ = ["GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "amp_dtype_of", "autocast_context", "loss_output"]
+__all__ = [
+    "AutocastInferer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "amp_dtype_of", "autocast_context",
+    "loss_output",
+]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -33,11 +36,36 @@ def amp_dtype_of(name: str) -> torch.dtype:
     return AMP_DTYPES[name]
 
 
-def autocast_context(device: str | torch.device, enabled: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+def autocast_context(device: str | torch.device, enabled: bool,
+                     dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Autocast for forward passes on ``device`` (CPU or CUDA); a no-op when ``enabled`` is false."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class AutocastInferer(Inferer):
+    """Another inferer run under :func:`autocast_context` on the inputs' device, with float32 outputs: the
+    ``amp`` switch of the inference workflows (reconstruction, generation's decoder, evaluation's features).
+
+    Args:
+        inferer: the inferer to run, e.g. a ``SlidingWindowInferer``; default ``SimpleInferer``.
+        amp: autocast the network's forward passes.
+        amp_dtype: ``"bfloat16"`` (default) or ``"float16"``.
+    """
+
+    def __init__(self, inferer: Inferer | None = None, amp: bool = False, amp_dtype: str = "bfloat16") -> None:
+        super().__init__()
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.amp = bool(amp)
+        self.amp_dtype = amp_dtype_of(amp_dtype)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
+        with autocast_context(inputs.device, self.amp, self.amp_dtype):
+            outputs = self.inferer(inputs, network, *args, **kwargs)
+        if isinstance(outputs, torch.Tensor) and outputs.is_floating_point():
+            return outputs.float()
+        return outputs
 
 
 class NonFiniteLossError(FloatingPointError):

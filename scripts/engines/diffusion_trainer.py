@@ -28,7 +28,9 @@ def _noised_loss(engine: Any, network: nn.Module, z_mu: torch.Tensor, z_sigma: t
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Diffusion loss of one batch: sample ``z ~ N(mu, sigma^2)``, scale, noise at random timesteps, predict."""
     def randn(like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=generator).to(like.device) if generator is not None else torch.randn_like(like)
+        if generator is None:
+            return torch.randn_like(like)
+        return torch.randn(like.shape, generator=generator).to(like.device)
 
     latents = (z_mu + z_sigma * randn(z_mu)) * engine.scale_factor
     noise = randn(latents)
@@ -54,6 +56,7 @@ class LatentDiffusionTrainer(GenerativeTrainer):
         scale_factor: multiplies latents to unit variance (see :func:`scripts.latents.estimate_scale_factor`).
         loss_function: default ``MSELoss``.
         inferer: default ``DiffusionInferer(noise_scheduler)``.
+        prepare_batch: default ``PrepareLatents()`` (batches of cached posteriors).
         other arguments: see :class:`scripts.engines.base.GenerativeTrainer`.
     """
 
@@ -68,12 +71,13 @@ class LatentDiffusionTrainer(GenerativeTrainer):
         scale_factor: float,
         loss_function: Callable | None = None,
         inferer: DiffusionInferer | None = None,
-        prepare_batch: Callable = PrepareLatents(),
+        prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
-                         prepare_batch=prepare_batch, inferer=inferer or DiffusionInferer(noise_scheduler),
+                         prepare_batch=PrepareLatents() if prepare_batch is None else prepare_batch,
+                         inferer=inferer or DiffusionInferer(noise_scheduler),
                          train_handlers=train_handlers, stage=kwargs.pop("stage", "stage-2"), **kwargs)
         self.network = network
         self.noise_scheduler = noise_scheduler
@@ -110,8 +114,9 @@ class LatentDiffusionEvaluator(Evaluator):
 
     def __init__(self, device: str | torch.device, val_data_loader: Iterable, network: nn.Module,
                  noise_scheduler: nn.Module, scale_factor: float, inferer: DiffusionInferer | None = None,
-                 prepare_batch: Callable = PrepareLatents(), seed: int = 0, amp: bool = False,
+                 prepare_batch: Callable | None = None, seed: int = 0, amp: bool = False,
                  amp_dtype: str = "bfloat16", loss_function: Callable | None = None, **kwargs: Any) -> None:
+        prepare_batch = PrepareLatents() if prepare_batch is None else prepare_batch
         super().__init__(device=device, val_data_loader=val_data_loader, prepare_batch=prepare_batch,
                          decollate=False, **kwargs)
         self.network = network

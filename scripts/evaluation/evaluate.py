@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import Dataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirst,
@@ -34,7 +35,6 @@ from monai.transforms import (
     Orientation,
 )
 
-from scripts.checks import as_bool
 from scripts.evaluation import known_truth
 from scripts.evaluation.features import FeatureExtractor
 from scripts.evaluation.metrics import (
@@ -80,7 +80,8 @@ def generated_files(generated_dir: str | None, output_dir: str) -> list[Path]:
         runs = sorted(Path(output_dir).glob("generated_*"))
         if not runs:
             raise EvaluationError(f"no generated_* folder under '{output_dir}': generate first "
-                                  "(python -m monai.bundle run --config_file configs/inference.json) or pass --generated_dir.")
+                                  "(python -m monai.bundle run --config_file configs/inference.json) "
+                                  "or pass --generated_dir.")
         folder = runs[-1]
     files = sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIXES))
     if len(files) < 2:
@@ -159,14 +160,16 @@ def evaluate_sets(
             "histogram W1": histogram_distance(reference, vols, seed=seed),
         }
     table["real (reference)"] = {"MS-SSIM diversity": ms_ssim_diversity(reference, ms_ssim, max_pairs, seed)}
-    result: dict[str, Any] = {"rows": table, "num_volumes": {k: len(v) for k, v in {**rows, "real (reference)": reference}.items()},
+    counts = {k: len(v) for k, v in {**rows, "real (reference)": reference}.items()}
+    result: dict[str, Any] = {"rows": table, "num_volumes": counts,
                               "feature_extractor": name}
 
     if training:
         nn_generated = nearest_neighbours(generated, training, ms_ssim)
         nn_real = nearest_neighbours(reference, floor, ms_ssim)  # nearest other real subject: the "no copy" level
         result["memorisation"] = {
-            "generated_nearest_training": [{"index": i, "nearest": j, "ms_ssim": s} for i, (j, s) in enumerate(nn_generated)],
+            "generated_nearest_training": [{"index": i, "nearest": j, "ms_ssim": s}
+                                           for i, (j, s) in enumerate(nn_generated)],
             "max_generated_to_training": max(s for _, s in nn_generated),
             "mean_real_to_nearest_real": float(np.mean([s for _, s in nn_real])),
             "max_real_to_nearest_real": max(s for _, s in nn_real),
@@ -189,8 +192,7 @@ def evaluate_sets(
 
 def run_evaluation(
     generated_dir: str | None,
-    real_items: Sequence[Mapping],
-    transform: Callable,
+    real_dataset: Dataset,
     output_dir: str,
     features: FeatureExtractor,
     ms_ssim: MSSSIM,
@@ -207,10 +209,14 @@ def run_evaluation(
 ) -> Path:
     """The ``evaluate.json`` workflow: load both sets, compute :func:`evaluate_sets`, write ``metrics.json``,
     ``report.md`` and its figures into a new ``output_dir/evaluation_<time>/``; with ``write_eval_metrics``, also
-    write the generated row into ``metadata_file``'s ``eval_metrics``. Returns the folder."""
+    write the generated row into ``metadata_file``'s ``eval_metrics``. Returns the folder.
+
+    ``real_dataset`` is the real split: its ``data`` (datalist items, with the demo's per-subject records) through
+    its ``transform`` (the shared preprocessing chain, also applied to ``training_items``)."""
     from scripts.evaluation.report import write_report
 
     start = time.time()
+    real_items, transform = list(real_dataset.data), real_dataset.transform
     files = generated_files(generated_dir, output_dir)
     generated = load_generated(files, orientation)
     real = load_real(real_items, transform)
@@ -225,7 +231,7 @@ def run_evaluation(
     folder = new_run_dir(output_dir, "evaluation")
     atomic_write_json(result, folder / "metrics.json")
     write_report(folder, result, generated, real, training, runs)
-    if as_bool(write_eval_metrics, "write_eval_metrics"):
+    if write_eval_metrics:
         write_eval_metrics_to(metadata_file, result)
     print(f"evaluation of {len(generated)} generated vs {len(real)} real volume(s): {folder}/report.md")
     for metric, value in result["rows"]["generated"].items():

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.inferers import Inferer
 from monai.networks.nets import resnet10
 from torch import nn
 
@@ -21,9 +22,11 @@ __all__ = ["FeatureExtractor", "RandomFeatures", "TorchScriptFeatures", "build_f
 
 class FeatureExtractor(nn.Module):
     """Maps volumes ``(B, 1, X, Y, Z)`` in [0, 1] (image space) to feature vectors ``(B, F)``; ``name`` labels the
-    metrics computed on them."""
+    metrics computed on them. :meth:`extract` runs the network through ``inferer`` when one is set (e.g. an
+    ``AutocastInferer`` for ``--amp true``)."""
 
     name: str = "features"
+    inferer: Inferer | None = None
 
     @torch.no_grad()
     def extract(self, volumes: Sequence[torch.Tensor], batch_size: int = 4) -> torch.Tensor:
@@ -32,7 +35,8 @@ class FeatureExtractor(nn.Module):
         device = next(self.parameters(), torch.zeros(())).device
         for i in range(0, len(volumes), batch_size):
             batch = torch.stack([v.float() for v in volumes[i:i + batch_size]]).to(device)
-            out.append(self(batch).flatten(1).double().cpu())
+            feats = self(batch) if self.inferer is None else self.inferer(batch, self)
+            out.append(feats.flatten(1).double().cpu())
         return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64)
 
 
@@ -100,6 +104,10 @@ class TorchScriptFeatures(FeatureExtractor):
         return torch.cat(per_axis, dim=1)
 
 
-def build_feature_extractor(path: str | None = None, mode: str = "3d", channels: int = 1, seed: int = 0) -> FeatureExtractor:
-    """:class:`TorchScriptFeatures` when ``path`` is given, else :class:`RandomFeatures` with ``seed``."""
-    return TorchScriptFeatures(path, mode, channels) if path else RandomFeatures(seed)
+def build_feature_extractor(path: str | None = None, mode: str = "3d", channels: int = 1, seed: int = 0,
+                            inferer: Inferer | None = None) -> FeatureExtractor:
+    """:class:`TorchScriptFeatures` when ``path`` is given, else :class:`RandomFeatures` with ``seed``; its
+    :meth:`~FeatureExtractor.extract` runs through ``inferer`` when given."""
+    extractor = TorchScriptFeatures(path, mode, channels) if path else RandomFeatures(seed)
+    extractor.inferer = inferer
+    return extractor

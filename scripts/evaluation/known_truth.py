@@ -96,7 +96,8 @@ def segment(volume: np.ndarray, spacing: Sequence[float], settings: Segmentation
     empty = np.zeros(v.shape, dtype=bool)
     foreground = v[v > _otsu(v.ravel())]
     if foreground.size == 0:
-        return {"head": empty, "brain": empty, "ventricles": empty, "lesions": empty, "lesion_labels": empty.astype(int)}
+        return {"head": empty, "brain": empty, "ventricles": empty, "lesions": empty,
+                "lesion_labels": empty.astype(int)}
     head = ndimage.binary_fill_holes(_largest_component(v > s.head_fraction * float(np.median(foreground))))
     depth = ndimage.distance_transform_edt(head, sampling=spacing)
     fov_scale = float(np.mean(np.array(v.shape) * np.array(spacing))) / _REFERENCE_FOV_MM
@@ -109,7 +110,8 @@ def segment(volume: np.ndarray, spacing: Sequence[float], settings: Segmentation
     wm_band = intracranial & (smooth > 0.8 * wm) & (smooth < 1.05 * wm)
     local_wm = ndimage.gaussian_filter(np.where(wm_band, smooth, 0.0), 3.0) / np.maximum(
         ndimage.gaussian_filter(wm_band.astype(np.float32), 3.0), 1e-3)
-    bright = (smooth > s.lesion_ratio * np.maximum(local_wm, 1e-3)) & (depth > (s.shell_mm + s.lesion_margin_mm) * fov_scale)
+    bright = ((smooth > s.lesion_ratio * np.maximum(local_wm, 1e-3))
+              & (depth > (s.shell_mm + s.lesion_margin_mm) * fov_scale))
     labels, n = ndimage.label(bright)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     min_voxels = max(1, round(s.min_lesion_ml * fov_scale**3 / (np.prod(spacing) / 1000.0)))

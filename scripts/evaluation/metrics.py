@@ -33,7 +33,8 @@ class MSSSIM:
         weights: one weight per scale.
     """
 
-    def __init__(self, data_range: float = 1.0, kernel_size: int = 3, weights: Sequence[float] = (0.3, 0.3, 0.4)) -> None:
+    def __init__(self, data_range: float = 1.0, kernel_size: int = 3,
+                 weights: Sequence[float] = (0.3, 0.3, 0.4)) -> None:
         self.metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=kernel_size,
                                            weights=list(weights))
 

@@ -60,11 +60,11 @@ def _known_truth(path: Path, truth: Mapping[str, Any]) -> None:
     plt = _pyplot()
     quantities = list(truth["wasserstein"])
     fig, axes = plt.subplots(1, len(quantities), figsize=(3 * len(quantities), 3.2), squeeze=False)
-    for ax, q in zip(axes[0], quantities):
+    for ax, q in zip(axes[0], quantities, strict=True):
         groups = {"generated": [e[q] for e in truth["estimated"]["generated"]],
                   "real (est.)": [e[q] for e in truth["estimated"]["real (floor)"]],
                   "real (recorded)": [r[q] for r in truth["recorded_reference"]]}
-        for x, (name, values) in enumerate(groups.items()):
+        for x, values in enumerate(groups.values()):
             ax.scatter(np.full(len(values), x) + np.linspace(-0.15, 0.15, len(values)), values, s=12)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(list(groups), rotation=30, fontsize=7)
@@ -83,8 +83,9 @@ def _table(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
-def write_report(folder: Path, result: Mapping[str, Any], generated: Sequence[torch.Tensor], real: Sequence[torch.Tensor],
-                 training: Sequence[torch.Tensor] | None, runs: Sequence[str] = ()) -> Path:
+def write_report(folder: Path, result: Mapping[str, Any], generated: Sequence[torch.Tensor],
+                 real: Sequence[torch.Tensor], training: Sequence[torch.Tensor] | None,
+                 runs: Sequence[str] = ()) -> Path:
     """Write ``report.md`` and its figures (``samples.png``, ``histograms.png``, ``nearest.png``,
     ``known_truth.png``, ``loss_curves_<i>.png``) into ``folder``; returns the report's path."""
     folder = Path(folder)
@@ -109,14 +110,16 @@ def write_report(folder: Path, result: Mapping[str, Any], generated: Sequence[to
     memo = result.get("memorisation")
     if memo and training is not None:
         pairs = sorted(memo["generated_nearest_training"], key=lambda p: -p["ms_ssim"])[:3]
-        montage([row for p in pairs for row in ((f"generated {p['index']}", generated[p["index"]]),
-                                                 (f"training {p['nearest']} ({p['ms_ssim']:.3f})", training[p["nearest"]]))],
+        montage([row for p in pairs
+                 for row in ((f"generated {p['index']}", generated[p["index"]]),
+                             (f"training {p['nearest']} ({p['ms_ssim']:.3f})", training[p["nearest"]]))],
                 folder / "nearest.png", title="closest generated/training pairs (MS-SSIM)")
         lines += ["## Memorisation", "",
                   (f"Highest MS-SSIM of a generated volume to its nearest training volume: "
                   f"**{memo['max_generated_to_training']:.4f}**; between distinct real subjects the nearest-neighbour "
                   f"MS-SSIM is {memo['mean_real_to_nearest_real']:.4f} on average (max "
-                  f"{memo['max_real_to_nearest_real']:.4f}). A generated volume well above that level is likely a copy."),
+                  f"{memo['max_real_to_nearest_real']:.4f}). A generated volume well above that level is likely a "
+                  "copy."),
                   "", "![closest pairs](nearest.png)", ""]
     truth = result.get("known_truth")
     if truth:

@@ -1,14 +1,16 @@
-"""Ignite/MONAI handlers of the bundle: checkpoints and resume, previews and loss curves, progress, VQ codebook usage."""
+"""Ignite/MONAI handlers of the bundle: checkpoints and resume, EMA updates, previews and loss curves, progress,
+VQ codebook usage."""
 
 from scripts.handlers.checkpoint import TrainingCheckpoint
 from scripts.handlers.codebook import CodebookUsage
-from scripts.handlers.ema import EMA
+from scripts.handlers.ema import EMA, EMAUpdate
 from scripts.handlers.previews import LossCurves, ReconstructionPreview, SamplePreview
 from scripts.handlers.progress import ProgressBar
 from scripts.handlers.tracking import LossTermsForTracking, adapt_tracking_handlers
 
 __all__ = [
     "EMA",
+    "EMAUpdate",
     "CodebookUsage",
     "LossCurves",
     "LossTermsForTracking",

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.checks import BOOLEAN_WORDS, as_bool
 from scripts.distributed import any_rank, is_main_rank
 from scripts.networks import unwrap
 from scripts.records import RECORD_FILENAME
@@ -85,10 +84,7 @@ class TrainingCheckpoint:
         unknown = [k for k in self.weights if k not in self.save_dict]
         if unknown:
             raise KeyError(f"weights names {unknown} are not in save_dict {sorted(self.save_dict)}.")
-        # command-line overrides arrive as text: "--resume true" means True, not a file named "true"
-        if isinstance(resume, str) and resume.strip().lower() in BOOLEAN_WORDS:
-            resume = as_bool(resume)
-        self.resume = resume
+        self.resume = resume  # "--resume true" arrives as True (scripts.checks.typed_overrides)
         self.record = dict(record) if record is not None else None
         self.record_filename = record_filename
         unknown_signals = [name for name in save_on_signals if not hasattr(signal, name)]

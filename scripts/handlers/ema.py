@@ -11,16 +11,16 @@ from torch import nn
 
 from scripts.networks import unwrap
 
-__all__ = ["EMA", "NUM_UPDATES_KEY"]
+__all__ = ["EMA", "EMAUpdate", "NUM_UPDATES_KEY"]
 
-#: key of the update count in the EMA state dict (dropped when the weights are loaded into a bare network)
+#: key of the update count in the EMA's checkpoint state (its weight file holds only the averaged network's weights)
 NUM_UPDATES_KEY = "ema_num_updates"
 
 
 class EMA:
-    """Keeps ``module``, an EMA copy of ``network``: ``ema = d * ema + (1 - d) * weights`` after every optimiser
-    step (buffers are copied). Its ``state_dict`` is the copy's plain state dict, so it is saved as
-    ``model_ema.pt`` beside the raw weights and loads into the network definition directly.
+    """Keeps ``module``, an EMA copy of ``network``: ``ema = d * ema + (1 - d) * weights`` at each :meth:`update`
+    (buffers are copied); :class:`EMAUpdate` calls it after every optimiser step. ``model_ema.pt`` holds the copy's
+    plain state dict, so it loads into the network definition directly.
 
     With ``warmup`` (default on) the decay of step ``n`` is ``min(decay, (1 + n) / (10 + n))`` (the warm-up of
     TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``, as used by CompVis latent-diffusion's
@@ -49,23 +49,15 @@ class EMA:
             return self.decay
         return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_update)
-
-    def _maybe_update(self, engine: Engine) -> None:
-        is_step = getattr(engine, "is_step_iteration", None)
-        if is_step is None or is_step():
-            self.update()
-
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step towards the network's current weights."""
         source = unwrap(self.network)
         decay = self.current_decay()
         self.num_updates += 1
-        for ema_p, p in zip(self.module.parameters(), source.parameters()):
+        for ema_p, p in zip(self.module.parameters(), source.parameters(), strict=True):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
-        for ema_b, b in zip(self.module.buffers(), source.buffers()):
+        for ema_b, b in zip(self.module.buffers(), source.buffers(), strict=True):
             ema_b.copy_(b)
 
     def state_dict(self) -> dict:
@@ -76,3 +68,26 @@ class EMA:
         state = dict(state)
         self.num_updates = int(state.pop(NUM_UPDATES_KEY, 0))
         self.module.load_state_dict(state)
+
+
+class EMAUpdate:
+    """Training handler: one :meth:`EMA.update` after every optimiser step (every iteration that ends a
+    gradient-accumulation window, as the trainer's ``is_step_iteration`` tells; every iteration otherwise).
+
+    The averaged weights live in the :class:`EMA` object, which validation and checkpoints reference; this handler
+    only schedules its updates, so that ``train#handlers`` holds handler definitions alone.
+
+    Args:
+        ema: the EMA to update.
+    """
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema = ema
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_update)
+
+    def _maybe_update(self, engine: Engine) -> None:
+        is_step = getattr(engine, "is_step_iteration", None)
+        if is_step is None or is_step():
+            self.ema.update()

@@ -40,7 +40,8 @@ class LossTermsForTracking:
 
 
 def adapt_tracking_handlers(handlers: Sequence | None) -> list:
-    """The trainer's handlers, with each ``MLFlowHandler``'s output transform wrapped in :class:`LossTermsForTracking`."""
+    """The trainer's handlers, with each ``MLFlowHandler``'s output transform wrapped in
+    :class:`LossTermsForTracking`."""
     handlers = list(handlers or [])
     if not _has_handler:
         return handlers
