@@ -145,7 +145,7 @@ def test_sample_prediction_builds_only_the_schedulers_used_and_refuses_pndm():
     fails with one line naming the samplers that can."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "common.json"))
-    parser["prediction_type"] = "sample"
+    parser["noise_scheduler_type"], parser["prediction_type"] = "ddpm", "sample"
     assert parser.get_parsed_content("noise_scheduler").prediction_type == "sample"
     definitions = parser.get_parsed_content("schedulers")
     assert make_scheduler(definitions, "ddim").prediction_type == "sample"

@@ -19,6 +19,7 @@ from scripts.engines import LatentDiffusionTrainer
 from scripts.engines.base import AutocastInferer
 from scripts.generation import generate, initial_noise
 from scripts.handlers import EMA, EMAUpdate
+from scripts.handlers.ema import NUM_UPDATES_KEY
 from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
 from scripts.networks import latent_spatial_shape
 from scripts.schedulers import check_sampler
@@ -83,20 +84,44 @@ def test_scale_factor_is_one_over_std_of_all_latents():
 
 def test_ema_update_follows_formula():
     net = nn.Linear(3, 1)
-    ema = EMA(net, decay=0.9)
+    ema = EMA(net, decay=0.9, warmup=False)
     before = ema.module.weight.detach().clone()
     with torch.no_grad():
         net.weight.add_(1.0)
     ema.update()
     torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * net.weight.detach())
-    assert set(ema.state_dict()) == set(net.state_dict())
+    assert set(ema.state_dict()) == set(net.state_dict()) | {NUM_UPDATES_KEY}
+
+
+def test_ema_warmup_forgets_the_initial_weights_and_resumes_its_count(tmp_path):
+    """With the warm-up, step n uses min(decay, (1+n)/(10+n)): after 800 steps at decay 0.995 the initial weights
+    keep a share below 1e-6 instead of 0.995**800 = 1.8 %."""
+    net = nn.Linear(3, 1)
+    ema, plain = EMA(net, decay=0.995), EMA(net, decay=0.995, warmup=False)
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        net.weight.zero_()
+        ema.module.weight.fill_(1.0)
+        plain.module.weight.fill_(1.0)
+    for _ in range(800):
+        ema.update()
+        plain.update()
+    assert float(ema.module.weight.abs().max()) < 1e-6  # the share of the initial weights (1.0)
+    assert float(plain.module.weight.max()) == pytest.approx(0.995**800, rel=1e-3)
+    restored = EMA(net, decay=0.995)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 800 and restored.current_decay() == ema.current_decay()
+    # the weight file written beside the checkpoint is the plain network state dict
+    from scripts.handlers.checkpoint import _plain_weights
+
+    assert set(_plain_weights(ema, ema.state_dict())) == set(net.state_dict())
 
 
 def test_ema_update_handler_updates_after_each_optimiser_step():
     from ignite.engine import Engine
 
     net = nn.Linear(3, 1)
-    ema = EMA(net, decay=0.5)
+    ema = EMA(net, decay=0.5, warmup=False)
     engine = Engine(lambda e, b: net.weight.data.add_(1.0))
     engine.is_step_iteration = lambda: engine.state.iteration % 2 == 0  # accumulation over 2 iterations
     EMAUpdate(ema).attach(engine)
