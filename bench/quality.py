@@ -2,6 +2,7 @@
 
     python bench/quality.py                                     # demo recipe; stage 2 evaluated after 2, 5, 10 min
     python bench/quality.py --stage2_budgets 2,5,10,20 --num_samples 16
+    python bench/quality.py --autoencoder models/model_autoencoder.pt --stage2_budgets 2,4,7   # on the demo's stage 1
     python bench/quality.py --stage1_minutes 0 --stage1_epochs 100 --stage2_budgets 0 --stage2_epochs 200  # epochs
     python bench/quality.py --size 96 --subjects 96 --stage1_minutes 20 --stage2_budgets 5,10,20,30 --amp true  # GPU
 
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage1_epochs", type=int, default=None, help="default: the config's max_epochs")
     p.add_argument("--stage1_minutes", type=float, default=0.0, help="stage-1 time limit; 0: epochs only")
+    p.add_argument("--autoencoder", default=None,
+                   help="reuse these stage-1 weights (e.g. the demo's models/model_autoencoder.pt) instead of training")
     p.add_argument("--stage2_epochs", type=int, default=100000, help="stage-2 epoch cap (the budgets stop it)")
     p.add_argument("--stage2_budgets", default="2,5,10",
                    help="cumulative stage-2 training minutes at which to generate and evaluate; 0: one run of "
@@ -175,9 +178,15 @@ def main(argv: list[str] | None = None) -> dict:
         common["demo_num_subjects"] = args.subjects
     amp = args.amp.strip().lower() in ("true", "1", "yes")
     t = time.time()
-    stage1_overrides = {"max_epochs": args.stage1_epochs} if args.stage1_epochs else {}
-    run_workflow("configs/train_autoencoder.json", args.stage1_minutes, amp=amp, seed=args.seed,
-                 **stage1_overrides, **common)
+    if args.autoencoder:
+        import shutil
+
+        (work / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.autoencoder, work / "models" / "model_autoencoder.pt")
+    else:
+        stage1_overrides = {"max_epochs": args.stage1_epochs} if args.stage1_epochs else {}
+        run_workflow("configs/train_autoencoder.json", args.stage1_minutes, amp=amp, seed=args.seed,
+                     **stage1_overrides, **common)
     stage1_minutes = (time.time() - t) / 60
     run_workflow("configs/inference_autoencoder.json", **common)
     summary = json.loads((newest(outputs, "reconstruction") / "summary.json").read_text())

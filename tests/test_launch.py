@@ -82,7 +82,8 @@ def test_stage2_under_torchrun_then_generation_by_name(stage1_run):
                      "preview_num_samples=0", *tiny(tmp, stage2=True)], cwd=tmp, launcher=torchrun(2))
     run = only_run(tmp / "logs", "ldm")
     models = sorted(p.name for p in (run / "models").iterdir())
-    assert models == ["checkpoint_diffusion.pt", "model.pt", "model_autoencoder.pt", "model_best.pt", "model_ema.pt"]
+    assert models == ["checkpoint_diffusion.pt", "model.pt", "model_autoencoder.pt", "model_best.pt", "model_ema.pt",
+                      "model_record.json"]
     assert len(list(run.glob("train_diffusion_*"))) == 1  # rank 1 wrote nothing
     state = torch.load(run / "models" / "checkpoint_diffusion.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-4 * 2 * 4 * 2)

@@ -67,8 +67,8 @@ def test_monai_generative_weights_give_the_same_reconstructions_and_samples(tmp_
 
     steps, scale, seed = 3, 0.7, 5
     run_bundle("configs/inference.json", overrides_for(tmp_path, generate=True, use_ema="False", scale_factor=scale,
-                                                       sampler="ddim", num_samples=1, num_inference_steps=steps,
-                                                       seed=seed))
+                                                       sampler="ddim", noise_scheduler_type="ddpm", num_samples=1,
+                                                       num_inference_steps=steps, seed=seed))
     sample = nib.load(next((tmp_path / "outputs").glob("generated_*")) / "sample_0000.nii.gz").get_fdata()
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "common.json"))

@@ -163,7 +163,7 @@ def test_vq_stage2_and_generation_run_on_quantised_latents(vq_trained):
     codebook = torch.load(tmp / "models" / "model_autoencoder.pt", weights_only=True)[CODEBOOK]
     assert float(cached[0]["z_sigma"].abs().max()) == 0.0 and _is_codebook_vector(cached[0]["z_mu"][None], codebook)
 
-    ov = overrides_for(tmp, generate=True, num_samples=2, sampler="ddim", num_inference_steps=3, **TINY_VQ)
+    ov = overrides_for(tmp, generate=True, num_samples=2, sampler="rflow", num_inference_steps=3, **TINY_VQ)
     run_bundle(VQ_GENERATE, ov)
     out = max((tmp / "outputs").glob("generated_*"))
     assert [nib.load(p).shape for p in sorted(out.glob("sample_*.nii.gz"))] == [(32, 32, 32)] * 2
