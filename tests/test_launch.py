@@ -90,7 +90,7 @@ def test_stage2_under_torchrun_then_generation_by_name(stage1_run):
     assert proc.stdout.count("stage 2 finished") == 1
     # no -t, same --name: the latest 'ldm' run generates limit_test_batches samples with its own weights
     run_main([*STAGE2, "--name", "ldm", "limit_test_batches=2", "test_only_params#num_inference_steps=3",
-              "test_only_params.sampler=ddim"], cwd=tmp)
+              "test_only_params.sampler=rflow"], cwd=tmp)
     generated = list(run.glob("generated_*"))
     assert len(generated) == 1
     assert sorted(p.name for p in generated[0].glob("*.nii.gz")) == ["sample_0000.nii.gz", "sample_0001.nii.gz"]

@@ -155,8 +155,9 @@ def test_vq_stage1_trains_with_quantisation_loss_and_logs_codebook_usage(vq_trai
 
 def test_vq_stage2_and_generation_run_on_quantised_latents(vq_trained):
     tmp, _, stage2 = vq_trained
-    state = torch.load(tmp / "models" / "checkpoint_diffusion.pt", weights_only=True)
-    assert state["latent_shape"] == [4, 8, 8, 8] and state["engine"]["epoch"] == 2
+    checkpoint = torch.load(tmp / "models" / "checkpoint_diffusion.pt", weights_only=True)
+    state = checkpoint["record"]  # the training record: latent shape, scale factor, ...
+    assert state["latent_shape"] == [4, 8, 8, 8] and checkpoint["engine"]["epoch"] == 2
     assert f"latent scale factor: {round(state['scale_factor'], 5)}" in stage2.stdout
     cache = max((tmp / "cache").glob("latents_training_*.pt"))
     cached = torch.load(cache, weights_only=True)
