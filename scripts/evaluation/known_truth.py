@@ -170,7 +170,7 @@ def _median_fit(basis: Sequence[np.ndarray], mask: np.ndarray, values: np.ndarra
         aw = a * w[:, None]
         coef = np.linalg.lstsq(a.T @ aw, aw.T @ y, rcond=None)[0]
         w = 1.0 / np.maximum(np.abs(y - a @ coef), 1e-3)
-    return sum(float(c) * b for c, b in zip(coef, basis)).astype(np.float32)
+    return sum(float(c) * b for c, b in zip(coef, basis, strict=True)).astype(np.float32)
 
 
 def _white_matter_level(v: np.ndarray, intracranial: np.ndarray,
@@ -245,7 +245,7 @@ def segment(volume: np.ndarray, spacing: Sequence[float], settings: Segmentation
         excess = ndimage.sum(bright - 1.0, candidates, index) * voxel_ml
         peaks = ndimage.maximum(bright, candidates, index)
         count = 0
-        for j, e, p in zip(index, excess, peaks):
+        for j, e, p in zip(index, excess, peaks, strict=True):
             if e < s.lesion_min_excess_ml * fov_scale**3:
                 continue
             cores, k = ndimage.label((candidates == j) & (bright > 1.0 + s.lesion_core * (p - 1.0)))
