@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--size", type=int, default=None, help="demo volume side (voxels); default: the config's")
     p.add_argument("--subjects", type=int, default=None, help="demo subjects; default: the config's")
-    p.add_argument("--amp", default="false", help="bfloat16 autocast (GPU)")
+    p.add_argument("--amp", default="auto",
+                   help="bfloat16 autocast: true, false, or auto (the config's default: on where bf16 is fast)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         common.update(demo_size=args.size, volume_size=[args.size] * 3)
     if args.subjects:
         common["demo_num_subjects"] = args.subjects
-    amp = args.amp.strip().lower() in ("true", "1", "yes")
+    if args.amp.strip().lower() != "auto":
+        common["amp"] = args.amp.strip().lower() in ("true", "1", "yes")
     t = time.time()
     if args.autoencoder:
         import shutil
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copyfile(args.autoencoder, work / "models" / "model_autoencoder.pt")
     else:
         stage1_overrides = {"max_epochs": args.stage1_epochs} if args.stage1_epochs else {}
-        run_workflow("configs/train_autoencoder.json", args.stage1_minutes, amp=amp, seed=args.seed,
+        run_workflow("configs/train_autoencoder.json", args.stage1_minutes, seed=args.seed,
                      **stage1_overrides, **common)
     stage1_minutes = (time.time() - t) / 60
     run_workflow("configs/inference_autoencoder.json", **common)
@@ -200,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     trained = 0.0
     for k, budget in enumerate(budgets):
         t = time.time()
-        run_workflow(stage2, (budget - trained) if budget else None, max_epochs=args.stage2_epochs, amp=amp,
+        run_workflow(stage2, (budget - trained) if budget else None, max_epochs=args.stage2_epochs,
                      seed=args.seed, latent_cache_dir=str(work / "cache"), resume=k > 0, **common)
         trained += (time.time() - t) / 60
         t = time.time()
-        run_workflow("configs/inference.json", num_samples=args.num_samples, seed=args.seed, amp=amp, **common)
+        run_workflow("configs/inference.json", num_samples=args.num_samples, seed=args.seed, **common)
         generation_minutes = (time.time() - t) / 60
         run_workflow("configs/evaluate.json", generated_dir=str(newest(outputs, "generated")), **common)
         evaluation = json.loads((newest(outputs, "evaluation") / "metrics.json").read_text())

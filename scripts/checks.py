@@ -37,6 +37,9 @@ RUN_ARGUMENTS |= {"tracking_uri", "experiment_name", "save_execute_config", "is_
 #: command-line spellings of a boolean (``monai.bundle run --flag false`` passes the text ``'false'``)
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
+#: boolean keys whose default is an expression (typed like the JSON booleans): key -> what the default computes
+COMPUTED_BOOLEANS = {"amp": "on where bfloat16 autocast is fast (scripts.engines.bf16_is_fast)"}
+
 #: boolean keys that also take text: key -> what the text means
 ALSO_TEXT = {"resume": "the path of a checkpoint to resume from"}
 
@@ -143,8 +146,9 @@ def _is_expression(value: Any) -> bool:
 
 def typed_overrides(config_files: Sequence[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``overrides`` typed against the defaults of the merged ``config_files``: the one converter of
-    command-line values. A key whose default is a JSON boolean receives a boolean (``'false'`` -> ``False``,
-    by :func:`as_bool`); expressions (``$...``, ``@id``) and every other value pass unchanged.
+    command-line values. A key whose default is a JSON boolean (or one of :data:`COMPUTED_BOOLEANS`) receives a
+    boolean (``'false'`` -> ``False``, by :func:`as_bool`); expressions (``$...``, ``@id``) and every other value
+    pass unchanged.
 
     Keys that do not exist are left to :func:`find_unknown_keys`. Run from the bundle root (the configs'
     ``%configs/common.json#...`` macros resolve from there).
@@ -163,7 +167,8 @@ def typed_overrides(config_files: Sequence[str], overrides: Mapping[str, Any]) -
         default = _default(defaults, key)
         if key in REFUSED and _is_expression(defaults.get(key)):
             raise ValueError(f"--{key} cannot be overridden: {REFUSED[key]}")
-        if not isinstance(default, bool) or isinstance(value, bool) or _is_expression(value):
+        boolean = isinstance(default, bool) or key in COMPUTED_BOOLEANS
+        if not boolean or isinstance(value, bool) or _is_expression(value):
             continue
         if key in ALSO_TEXT and isinstance(value, str) and value.strip().lower() not in BOOLEAN_WORDS:
             continue  # e.g. --resume models/checkpoint_diffusion.pt

@@ -299,8 +299,10 @@ class VQLatentDecoder(VQVAE):
 def nearest_codes(autoencoder: VQVAE, z: torch.Tensor) -> torch.Tensor:
     """Quantise encoder outputs ``z`` ``(B, embedding_dim, *latent)`` to their nearest codebook vectors, same shape.
 
-    Uses the quantizer's pure lookup, so the EMA codebook is not updated even in training mode.
+    Uses the quantizer's pure lookup, so the EMA codebook is not updated even in training mode. The vectors keep
+    the codebook's precision when ``z`` has less (bfloat16 under autocast): quantised latents are codebook vectors.
     """
     quantizer = unwrap(autoencoder).quantizer.quantizer
     _, _, indices = quantizer.quantize(z)
-    return quantizer.embed(indices).to(z.dtype)
+    codes = quantizer.embed(indices)
+    return codes.to(torch.promote_types(z.dtype, codes.dtype))

@@ -123,7 +123,7 @@ def test_amp_false_and_true_end_to_end(tmp_path):
     import nibabel as nib
 
     ov = overrides_for(tmp_path, infer=True, max_cases=1)
-    parser = _untrained_weights(RECONSTRUCT, tmp_path / "models", **ov)
+    parser = _untrained_weights(RECONSTRUCT, tmp_path / "models", **ov, amp=False)  # the float32 reference
     recon = {}
     for amp in ("false", "true"):
         before = set((tmp_path / "outputs").glob("reconstruction_*"))

@@ -6,11 +6,13 @@ from scripts.engines.base import (
     GenerativeTrainer,
     NonFiniteLossError,
     OptimizerStep,
+    bf16_is_fast,
     loss_output,
 )
 
 __all__ = [
-    "AutocastInferer", "AutoencoderTrainer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "loss_output",
+    "AutocastInferer", "AutoencoderTrainer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "bf16_is_fast",
+    "loss_output",
 ]
 from scripts.engines.diffusion_trainer import (
     LatentDiffusionEvaluator,

@@ -23,6 +23,7 @@ from scripts.handlers.tracking import adapt_tracking_handlers
 
 __all__ = [
     "AutocastInferer", "GenerativeTrainer", "NonFiniteLossError", "OptimizerStep", "amp_dtype_of", "autocast_context",
+    "bf16_is_fast",
     "loss_output",
 ]
 
@@ -34,6 +35,18 @@ def amp_dtype_of(name: str) -> torch.dtype:
     if name not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{name}'.")
     return AMP_DTYPES[name]
+
+
+def bf16_is_fast(device: str | torch.device) -> bool:
+    """Whether bfloat16 autocast speeds up ``device``: a CUDA GPU with bf16 support (Ampere and later), or a CPU
+    with AMX or AVX512-BF16 (Xeon Sapphire Rapids and later; measured there: a 3D autoencoder step 1.7-2.3x faster,
+    a latent UNet step 1.4x). The default of the ``amp`` config key; ``--amp false`` switches autocast off."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return False
 
 
 def autocast_context(device: str | torch.device, enabled: bool,
@@ -63,9 +76,16 @@ class AutocastInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
         with autocast_context(inputs.device, self.amp, self.amp_dtype):
             outputs = self.inferer(inputs, network, *args, **kwargs)
-        if isinstance(outputs, torch.Tensor) and outputs.is_floating_point():
-            return outputs.float()
-        return outputs
+        return _float32(outputs)
+
+
+def _float32(outputs: Any) -> Any:
+    """Floating tensors (alone, or in a tuple or list, e.g. an encoder's ``(z_mu, z_sigma)``) as float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_float32(o) for o in outputs)
+    return outputs
 
 
 class NonFiniteLossError(FloatingPointError):
