@@ -25,6 +25,7 @@ __all__ = [
     "RECORD_FILENAME",
     "TrainingRecord",
     "check_against_record",
+    "check_weights_against_record",
     "generation_latent_shape",
     "intensity_scaling",
     "read_training_record",
@@ -142,6 +143,29 @@ def check_against_record(record: TrainingRecord, values: Mapping[str, Any]) -> b
         if key in record and not _same(_plain(value), record[key]):
             raise ValueError(f"{key}={_plain(value)!r} contradicts the training record {record.path}, where "
                              f"{key}={record[key]!r}; drop --{key} (generation takes it from the record).")
+    return True
+
+
+def check_weights_against_record(record: TrainingRecord, autoencoder_path: str, diffusion_path: str) -> bool:
+    """Refuse weights that are not the ones the training record describes: an autoencoder other than the one stage 2
+    encoded its latents with (``autoencoder_sha256``), or diffusion weights other than those written with the record
+    (``weights_sha256``, by file name). Checks only what the record holds and the files that exist (a missing file
+    is reported by the loader); weights without a record (e.g. the Model Zoo BraTS bundle's) pass.
+
+    Raises:
+        ValueError: one line naming the file, both hashes and what to do.
+    """
+    expected = record.get("autoencoder_sha256")
+    if expected and Path(autoencoder_path).is_file() and file_sha256(autoencoder_path) != expected:
+        raise ValueError(f"the autoencoder {autoencoder_path} is not the one the diffusion model was trained on "
+                         f"(sha256 {file_sha256(autoencoder_path)}, the training record {record.path} has "
+                         f"{expected}): pass --load_autoencoder_path of that run's autoencoder, or retrain stage 2 on this one.")
+    expected = (record.get("weights_sha256") or {}).get(Path(diffusion_path).name)
+    if expected and Path(diffusion_path).is_file() and file_sha256(diffusion_path) != expected:
+        raise ValueError(f"the diffusion weights {diffusion_path} are not those the training record {record.path} "
+                         f"was written with (sha256 {file_sha256(diffusion_path)}, recorded {expected}): put the "
+                         "model_record.json of the run that wrote these weights beside them, or pass "
+                         "--training_record_path.")
     return True
 
 

@@ -10,7 +10,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from scripts.handlers import TrainingCheckpoint
-from scripts.records import check_against_record, read_training_record, recorded
+from scripts.records import check_against_record, check_weights_against_record, read_training_record, recorded
 from scripts.storage import file_sha256
 from tests.helpers import ROOT, TINY, overrides_for, run_bundle
 
@@ -93,6 +93,30 @@ def test_an_override_that_contradicts_the_record_is_refused(tmp_path):
         f"ERROR: ValueError: beta_start=0.0015 contradicts the training record {record}, where beta_start=0.001; "
         "drop --beta_start (generation takes it from the record).")
     assert check_against_record(read_training_record(str(record)), {"spacing": [1.5, 1.5, 2], "beta_start": 0.001})
+
+
+def test_weights_from_another_run_than_the_record_are_refused(tmp_path):
+    """Generation refuses an autoencoder other than the one stage 2 was trained on, and diffusion weights other
+    than those the record was written with (a retrained stage 1 beside an old stage 2, a copied record)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save({"w": torch.zeros(2)}, models / "model_autoencoder.pt")
+    torch.save({"w": torch.ones(2)}, models / "model_ema.pt")
+    record = write_record(models, autoencoder_sha256=file_sha256(models / "model_autoencoder.pt"),
+                          weights_sha256={"model_ema.pt": file_sha256(models / "model_ema.pt")})
+    ae, ema = str(models / "model_autoencoder.pt"), str(models / "model_ema.pt")
+    assert check_weights_against_record(read_training_record(str(record)), ae, ema)
+    assert check_weights_against_record(read_training_record(None), ae, ema)  # no record: nothing to compare
+    torch.save({"w": torch.full((2,), 3.0)}, models / "model_ema.pt")
+    with pytest.raises(ValueError, match=r"model_ema.pt are not those the training record .* was written with"):
+        check_weights_against_record(read_training_record(str(record)), ae, ema)
+    torch.save({"w": torch.ones(2)}, models / "model_ema.pt")
+    torch.save({"w": torch.ones(3)}, models / "model_autoencoder.pt")  # stage 1 retrained after stage 2
+    proc = run_bundle(GENERATE, overrides_for(tmp_path, generate=True), check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ERROR: ValueError: the autoencoder {ae} is not the one the diffusion model was trained on")
+    assert last.endswith("pass --load_autoencoder_path of that run's autoencoder, or retrain stage 2 on this one.")
 
 
 def test_training_checkpoint_writes_the_record_beside_the_weights(tmp_path):
