@@ -159,7 +159,8 @@ def check_weights_against_record(record: TrainingRecord, autoencoder_path: str, 
     if expected and Path(autoencoder_path).is_file() and file_sha256(autoencoder_path) != expected:
         raise ValueError(f"the autoencoder {autoencoder_path} is not the one the diffusion model was trained on "
                          f"(sha256 {file_sha256(autoencoder_path)}, the training record {record.path} has "
-                         f"{expected}): pass --load_autoencoder_path of that run's autoencoder, or retrain stage 2 on this one.")
+                         f"{expected}): pass --load_autoencoder_path of that run's autoencoder, or retrain stage 2 "
+                         "on this one.")
     expected = (record.get("weights_sha256") or {}).get(Path(diffusion_path).name)
     if expected and Path(diffusion_path).is_file() and file_sha256(diffusion_path) != expected:
         raise ValueError(f"the diffusion weights {diffusion_path} are not those the training record {record.path} "
