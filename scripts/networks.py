@@ -84,6 +84,14 @@ def latent_spatial_shape(image_size: Sequence[int], autoencoder: nn.Module, name
     return [s // factor for s in check_spatial_size(image_size, autoencoder, name)]
 
 
+def latent_window(patch_size: Sequence[int], autoencoder: nn.Module, latent_shape: Sequence[int],
+                  name: str = "decode_patch_size") -> list[int]:
+    """The latent window of an image-space ``patch_size`` for tiled decoding, clipped to the latent
+    ``(C, *spatial)`` being decoded (a larger window would decode zero padding)."""
+    window = latent_spatial_shape(patch_size, autoencoder, name)
+    return [min(w, s) for w, s in zip(window, latent_shape[1:], strict=True)]
+
+
 # how to get each weight file the workflows load, for the message when it is missing
 WEIGHTS_SOURCES = {
     "autoencoder": "python -m monai.bundle run --config_file configs/train_autoencoder.json",
