@@ -63,6 +63,20 @@ def run_workflow(config_file: str | list[str], minutes: float | None = None, **o
     workflow.finalize()
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """``--set ID=JSON`` pairs as config overrides; a value that is not JSON is taken as a string."""
+    overrides: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects ID=VALUE (e.g. latent_channels=8), got '{item}'.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
 def newest(folder: Path, prefix: str) -> Path:
     return max(folder.glob(f"{prefix}_*"))
 
@@ -164,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", default="auto",
                    help="bfloat16 autocast: true, false, or auto (the config's default: on where bf16 is fast)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="ID=JSON",
+                   help="override a config id in every workflow, the value as JSON (repeatable), e.g. "
+                        "--set latent_channels=8 --set 'autoencoder_channels=[32,64,64]'")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         common["demo_num_subjects"] = args.subjects
     if args.amp.strip().lower() != "auto":
         common["amp"] = args.amp.strip().lower() in ("true", "1", "yes")
+    common.update(parse_settings(args.set))
     t = time.time()
     if args.autoencoder:
         import shutil

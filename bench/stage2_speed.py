@@ -15,8 +15,8 @@ What is measured
        The one-time cost of building the cache (``encode_items`` over the training volumes) is reported too.
     2. Seconds per generated sample for each sampler at its default steps (``configs/inference.json``
        ``default_inference_steps``: ddpm 1000, ddim 50, pndm 50, rflow 30) with
-       :func:`scripts.diffusion.sample_latents` + :func:`scripts.diffusion.decode_latents` on ``--samples`` samples
-       drawn together (``scripts.generation.initial_noise``), random weights. DDPM may be capped at
+       :func:`scripts.sampling.sample_latents` + :func:`scripts.sampling.decode_latents` on ``--samples`` samples
+       drawn together (``scripts.sampling.initial_noise``), random weights. DDPM may be capped at
        ``--ddpm-steps`` steps; its sampling time is then extrapolated linearly to 1000 steps (the report says so).
     3. Peak memory of every measurement: each runs in its own subprocess and reports its ``ru_maxrss`` (which
        includes the interpreter, torch/MONAI and the loaded data); on CUDA also ``torch.cuda.max_memory_allocated``.
@@ -355,8 +355,7 @@ def measure_bare(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure_sampler(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds to sample ``--samples`` latents with ``name`` at its default steps and to decode them."""
-    from scripts.diffusion import decode_latents, sample_generators, sample_latents
-    from scripts.generation import initial_noise
+    from scripts.sampling import decode_latents, initial_noise, sample_generators, sample_latents
 
     device = torch.device(args.device)
     autoencoder, unet = build_autoencoder(device), build_unet(device).eval()

@@ -3,10 +3,11 @@
 Modules by role: ``demo_data`` and ``data`` (datalists, demo volumes, batch preparation), ``networks`` and
 ``losses``, ``autoencoders`` (one interface for the KL and VQ stage-1 networks), ``engines`` (trainers),
 ``handlers`` (checkpoints, previews, progress, codebook usage), ``schedulers`` (noise schedulers by name, sampling
-steps), ``diffusion`` (the diffusion maths and sampling loop), ``records`` (the stage-2 training record),
-``generation``, ``reconstruction`` (stage-1 inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style
-``main.py``), ``package`` (Model Zoo zip), ``evaluation`` (generation quality), ``checks`` (config validation, typed
-command-line values), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
+steps), ``diffusion`` (the stage-2 objective), ``sampling`` (the sampling loop and pipeline), ``records`` (the
+stage-2 training record), ``provenance`` (merged config, versions and hashes beside every run), ``generation``,
+``reconstruction`` (stage-1 inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``),
+``package`` (Model Zoo zip), ``evaluation`` (generation quality), ``checks`` (config validation, typed command-line
+values), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
 
 Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
 ``python -m scripts.demo_data`` stays light.
@@ -22,7 +23,7 @@ from scripts.errors import install_error_summary
 __all__ = [
     "autoencoders", "checks", "data", "demo", "demo_data", "diffusion", "distributed", "engines", "errors",
     "evaluation", "generation", "handlers", "latents", "launch", "losses", "networks", "nifti", "package",
-    "reconstruction", "records", "schedulers", "storage", "visualize",
+    "provenance", "reconstruction", "records", "sampling", "schedulers", "storage", "visualize",
 ]
 
 

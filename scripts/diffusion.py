@@ -1,22 +1,22 @@
-"""The diffusion maths, scheduler-agnostic: training timesteps and targets, the sampling loop, latent decoding.
+"""The training objective of stage 2, scheduler-agnostic: timesteps, targets, and MONAI's ``DiffusionPrepareBatch``.
 
-Schedulers are MONAI's (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``, ``RFlowScheduler``; the sampling
-variants in :mod:`scripts.schedulers`), all with the same ``set_timesteps`` / ``step`` interface; the sampling loop
-receives network and scheduler as arguments.
+Schedulers are MONAI's (``DDPMScheduler``, ``RFlowScheduler``; the sampling variants in :mod:`scripts.schedulers`).
+Sampling is :mod:`scripts.sampling`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from monai.inferers import Inferer, SimpleInferer
-from monai.networks.schedulers import DDPMScheduler, PNDMScheduler, RFlowScheduler
+from monai.engines.utils import DiffusionPrepareBatch
+from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-from scripts.networks import AutoencoderDecoder
+from scripts.latents import PrepareLatents
 
-__all__ = ["decode_latents", "diffusion_target", "sample_generators", "sample_latents", "sample_timesteps"]
+__all__ = ["LatentDiffusionPrepareBatch", "batch_condition", "diffusion_target", "sample_timesteps"]
 
 
 def sample_timesteps(scheduler: nn.Module, latents: torch.Tensor,
@@ -52,61 +52,79 @@ def diffusion_target(scheduler: nn.Module, latents: torch.Tensor, noise: torch.T
     raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got '{prediction_type}'.")
 
 
-def sample_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """One random generator per sample index, so that sample ``i`` depends only on ``(seed, i)``."""
-    return [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
-
-
-def sample_latents(
-    network: nn.Module,
-    scheduler: nn.Module,
-    noise: torch.Tensor,
-    num_inference_steps: int,
-    generators: Sequence[torch.Generator] | None = None,
-    progress: bool = True,
-    desc: str = "sampling",
-) -> torch.Tensor:
-    """Run the reverse process from ``noise`` (latent space, ``(B, C, *latent_spatial)``) to clean latents.
-
-    Stochastic steps (DDPM, DDIM with eta > 0) draw their noise per sample from ``generators``, so a sample does
-    not depend on the batch it was drawn in.
-    """
-    if isinstance(scheduler, RFlowScheduler):
-        scheduler.set_timesteps(num_inference_steps, device=noise.device, input_img_size_numel=int(noise[0, 0].numel()))
+def batch_condition(batchdata: Mapping[str, Any], condition_name: str | Sequence[str],
+                    device: str | torch.device | None = None, non_blocking: bool = False) -> torch.Tensor:
+    """The condition of a batch: the tensor under ``condition_name``, or for a list of datalist fields (e.g.
+    covariates carried through the latent cache) their values stacked as float features ``(B, len(names))``."""
+    names = [condition_name] if isinstance(condition_name, str) else list(condition_name)
+    missing = [n for n in names if n not in batchdata]
+    if missing:
+        raise KeyError(f"condition_name names {missing}, which the stage-2 batch does not carry (it has "
+                       f"{sorted(batchdata)}); add the field to every datalist item or fix condition_name.")
+    if isinstance(condition_name, str):
+        value = torch.as_tensor(batchdata[condition_name])
     else:
-        scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    if isinstance(scheduler, PNDMScheduler):  # PNDM keeps a history of model outputs across steps
-        scheduler.ets, scheduler.counter, scheduler.cur_sample = [], 0, None
-    timesteps = list(scheduler.timesteps)
-    next_timesteps = timesteps[1:] + [0]
-    steps = zip(timesteps, next_timesteps, strict=True)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(list(steps), desc=desc, leave=False)
-    x = noise
-    per_sample = generators is not None and isinstance(scheduler, DDPMScheduler)
-    for t, next_t in steps:
-        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
-        if not isinstance(scheduler, RFlowScheduler):
-            t_batch = t_batch.long()
-        with torch.no_grad():
-            model_output = network(x, timesteps=t_batch)
-        if isinstance(scheduler, RFlowScheduler):
-            x, _ = scheduler.step(model_output, t, x, next_t)
-        elif per_sample:
-            x = torch.cat([scheduler.step(model_output[i : i + 1], t, x[i : i + 1], generator=g)[0]
-                           for i, g in enumerate(generators)])
-        else:
-            x, _ = scheduler.step(model_output, t, x)
-    return x
+        value = torch.stack([torch.as_tensor(batchdata[n]).float().reshape(-1) for n in names], dim=1)
+    return value.to(device=device, non_blocking=non_blocking)
 
 
-def decode_latents(
-    autoencoder: nn.Module, latents: torch.Tensor, scale_factor: float, inferer: Inferer | None = None
-) -> torch.Tensor:
-    """Decode diffusion latents to images: ``decoder(latents / scale_factor)``, tiled when ``inferer`` is a
-    ``SlidingWindowInferer`` over the latent (its output is upsampled by the autoencoder's factor)."""
-    decoder = AutoencoderDecoder(autoencoder, scale_factor).eval()
-    with torch.no_grad():
-        return (inferer or SimpleInferer())(latents, decoder)
+class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """The stage-2 objective as MONAI's ``DiffusionPrepareBatch``, shared by the trainer and the validator.
+
+    From a batch (cached posteriors or images, through ``latents``): ``z = (z_mu + z_sigma * eps) * scale_factor``,
+    noise, timesteps from the scheduler's training distribution (:func:`sample_timesteps`) and the target of its
+    prediction type (:func:`diffusion_target`). Returns MONAI's ``(inputs, target, args, kwargs)`` with ``kwargs``
+    ``{"noise", "timesteps"}`` plus ``"condition"`` when ``condition_name`` is set: the one slot through which a
+    condition reaches ``DiffusionInferer(inputs, network, noise=..., timesteps=..., condition=...)`` (cross-attention
+    context or concatenated channels, by the inferer's ``mode``).
+
+    Args:
+        noise_scheduler: the training scheduler (MONAI ``DDPMScheduler`` or ``RFlowScheduler``).
+        scale_factor: multiplies latents to unit variance.
+        latents: ``(batchdata, device, non_blocking) -> (z_mu, z_sigma)``; default :class:`PrepareLatents`.
+        condition_name: batch key of the condition tensor, or a list of datalist fields stacked as features
+            (:func:`batch_condition`); ``None``: unconditional.
+
+    Calling it with ``generator=`` draws latents, noise and timesteps from that generator (the validator's fixed
+    randomness); otherwise from the global RNG.
+    """
+
+    def __init__(self, noise_scheduler: nn.Module, scale_factor: float, latents: Callable | None = None,
+                 condition_name: str | Sequence[str] | None = None) -> None:
+        super().__init__(num_train_timesteps=int(noise_scheduler.num_train_timesteps), condition_name=None)
+        self.noise_scheduler = noise_scheduler
+        self.scale_factor = float(scale_factor)
+        self.latents = PrepareLatents() if latents is None else latents
+        self.condition = condition_name or None
+        self._generator: torch.Generator | None = None
+
+    def _randn(self, like: torch.Tensor) -> torch.Tensor:
+        if self._generator is None:
+            return torch.randn_like(like)
+        return torch.randn(like.shape, generator=self._generator).to(like.device)
+
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        return self._randn(images)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        return sample_timesteps(self.noise_scheduler, images, self._generator)
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return diffusion_target(self.noise_scheduler, images, noise, timesteps)
+
+    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False,
+                 generator: torch.Generator | None = None, **kwargs: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
+        self._generator = generator
+        try:
+            z_mu, z_sigma = self.latents(batchdata, device, non_blocking)
+            latents = (z_mu + z_sigma * self._randn(z_mu)) * self.scale_factor
+            noise = self.get_noise(latents)
+            timesteps = self.get_timesteps(latents)
+            target = self.get_target(latents, noise, timesteps)
+        finally:
+            self._generator = None
+        infer_kwargs = {"noise": noise, "timesteps": timesteps}
+        if self.condition is not None:
+            infer_kwargs["condition"] = batch_condition(batchdata, self.condition, latents.device, non_blocking)
+        return latents, target, (), infer_kwargs

@@ -29,7 +29,7 @@ from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
 __all__ = [
     "PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "posterior",
-    "stage2_dataset", "transform_fingerprint",
+    "shared_fields", "stage2_dataset", "transform_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -195,11 +195,20 @@ class PrepareLatents(PrepareBatch):
         return z_mu, z_sigma
 
 
+def shared_fields(items: Sequence[Mapping], image_key: str = "image") -> list[str]:
+    """The datalist fields every item carries with a value, other than the image: what a batch can collate."""
+    if not items:
+        return []
+    common = set.intersection(*({k for k, v in item.items() if v is not None} for item in items))
+    return sorted(common - {image_key})
+
+
 def stage2_dataset(latent_cache: bool, posteriors: Sequence[Mapping], items: Sequence[Mapping],
                    transform: Callable | None = None, cache_rate: float = 1.0, num_workers: int = 0,
-                   split: str = "training"):
+                   split: str = "training", image_key: str = "image"):
     """Stage-2 data: the cached posteriors (default), or the images themselves, encoded on the fly
-    by :class:`PrepareLatents`.
+    by :class:`PrepareLatents`. Either way each item keeps its datalist fields (every field all items carry, e.g.
+    covariates), which the objective's ``condition_name`` reads.
 
     Args:
         latent_cache: use the cached posteriors ``{"z_mu", "z_sigma"}`` (latent space, all held in memory: they
@@ -211,14 +220,18 @@ def stage2_dataset(latent_cache: bool, posteriors: Sequence[Mapping], items: Seq
             is false (the Model Zoo BraTS bundle's ``train#dataset#cache_rate``).
         num_workers: workers that fill that cache.
         split: the split's name, for the printed line.
+        image_key: the image field (not carried beside cached latents).
     """
     from monai.data import CacheDataset, Dataset
 
     from scripts.distributed import print_main
 
     if latent_cache:
-        print_main(f"[latents] stage-2 {split} data: {len(posteriors)} cached latents")
-        return Dataset(data=[{"z_mu": p["z_mu"], "z_sigma": p["z_sigma"]} for p in posteriors])
+        fields = shared_fields(items, image_key)
+        print_main(f"[latents] stage-2 {split} data: {len(posteriors)} cached latents"
+                   + (f", with datalist fields {fields}" if fields else ""))
+        return Dataset(data=[{**{k: item[k] for k in fields}, "z_mu": p["z_mu"], "z_sigma": p["z_sigma"]}
+                             for item, p in zip(items, posteriors, strict=True)])
     print_main(f"[latents] stage-2 {split} data: {len(items)} images encoded on the fly "
                f"(latent_cache false, cache_rate {cache_rate})")
     return CacheDataset(data=list(items), transform=transform, cache_rate=cache_rate, num_workers=num_workers,

@@ -98,13 +98,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
-    """Return the first ``length`` hex digits of the SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
+    """Return the first ``length`` hex digits of the SHA-256 of a file. A file is read once per process while its
+    size and modification time stay the same (generation checks and records the same weight files)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key][:length]
 
 
 def unique_path(path: str | os.PathLike) -> Path:

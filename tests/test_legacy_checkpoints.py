@@ -45,8 +45,7 @@ def _old_unet(channels, attention_levels, num_head_channels, num_res_blocks, nor
 def test_monai_generative_weights_give_the_same_reconstructions_and_samples(tmp_path):
     """A tiny autoencoder and UNet built and saved with monai-generative; our inference configs load them (old key
     layout converted) and reconstruct and generate exactly what the old models compute."""
-    from scripts.diffusion import decode_latents, sample_latents
-    from scripts.generation import initial_noise
+    from scripts.sampling import decode_latents, initial_noise, sample_latents
 
     ae = _randomise(_old_autoencoder(TINY["autoencoder_channels"], 4, 1, TINY["autoencoder_norm_num_groups"]), 0)
     unet = _randomise(_old_unet(TINY_DIFFUSION["diffusion_channels"], [False, False, True],

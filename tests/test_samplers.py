@@ -12,7 +12,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from scripts.diffusion import diffusion_target, sample_latents
+from scripts.diffusion import diffusion_target
+from scripts.sampling import sample_latents
 from scripts.schedulers import (
     ContinuousRFlowScheduler,
     RespacedDDPMScheduler,

@@ -64,6 +64,28 @@ def test_stage2_writes_weights_cache_previews_and_scale_factor(trained):
     assert "Metrics -- val_loss" in proc.stdout + proc.stderr
 
 
+def assert_provenance(run_dir, overrides, seed, inputs=()):
+    """A run folder holds the merged config as it ran (overrides applied and typed) and provenance.json."""
+    config = json.loads((run_dir / "config.json").read_text())
+    for key, value in overrides.items():
+        assert config[key] == value, key
+    facts = json.loads((run_dir / "provenance.json").read_text())
+    assert facts["seed"] == seed and facts["command"][1:4] == ["-m", "monai.bundle", "run"]
+    assert {"python", "torch", "monai", "pytorch-ignite", "nibabel"} <= set(facts["versions"])
+    assert set(facts["inputs_sha256"]) == set(inputs)
+
+
+def test_every_training_run_writes_its_merged_config_and_provenance(trained):
+    """python -m monai.bundle run (not only main.py) leaves the merged config, versions, seed and input hashes."""
+    tmp, _, _ = trained
+    stage1 = max((tmp / "outputs").glob("train_autoencoder_*"))
+    assert_provenance(stage1, {"max_epochs": 2, "val_interval": 5}, seed=0)
+    stage2 = max((tmp / "outputs").glob("train_diffusion_*"))
+    assert_provenance(stage2, {"max_epochs": 2, "prediction_type": "v_prediction"}, seed=0, inputs=["autoencoder"])
+    facts = json.loads((stage2 / "provenance.json").read_text())
+    assert facts["inputs_sha256"]["autoencoder"] == file_sha256(tmp / "models" / "model_autoencoder.pt")
+
+
 def test_stage2_standalone_from_common_resumes_and_reuses_cache(trained):
     tmp, ov, _ = trained
     proc = run_bundle(STAGE2_STANDALONE, {**ov, "max_epochs": 3, "resume": True, "val_interval": 10})
@@ -98,6 +120,8 @@ def test_generation_writes_nifti_montage_and_manifest(trained):
     assert manifest["training_record_sha256"] == file_sha256(record_path)
     assert manifest["diffusion_path"].endswith("model_ema.pt") and len(manifest["diffusion_sha256"]) == 16
     assert (out / "samples.png").stat().st_size > 1000
+    assert manifest["network_calls_per_step"] == 1 and manifest["guidance_scale"] == 1.0
+    assert_provenance(out, {"num_samples": 3, "sampler": "ddim", "seed": 7}, seed=7)
 
     # the same seed reproduces the samples in a new folder; nothing earlier is overwritten
     run_bundle(GENERATE, {**ov, "batch_size": 1, "num_samples": 1})

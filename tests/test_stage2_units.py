@@ -14,14 +14,15 @@ from monai.networks.schedulers import (
 )
 from torch import nn
 
-from scripts.diffusion import decode_latents, sample_latents
+from scripts.diffusion import LatentDiffusionPrepareBatch
 from scripts.engines import LatentDiffusionTrainer
 from scripts.engines.base import AutocastInferer
-from scripts.generation import generate, initial_noise
+from scripts.generation import generate
 from scripts.handlers import EMA, EMAUpdate
 from scripts.handlers.ema import NUM_UPDATES_KEY
 from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
 from scripts.networks import latent_spatial_shape
+from scripts.sampling import LatentDiffusionPipeline, decode_latents, initial_noise, sample_latents
 from scripts.schedulers import check_sampler
 
 
@@ -49,7 +50,7 @@ def test_cached_latents_give_the_same_loss_as_on_the_fly_encoding():
     for batch in ({"z_mu": z_mu, "z_sigma": z_sigma}, {"image": images}):
         trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=unet,
                                          optimizer=torch.optim.SGD(unet.parameters(), lr=0.0),
-                                         noise_scheduler=scheduler, scale_factor=0.7, prepare_batch=PrepareLatents(ae))
+                                         prepare_batch=LatentDiffusionPrepareBatch(scheduler, 0.7, PrepareLatents(ae)))
         torch.manual_seed(123)  # same latent draw, noise and timesteps
         trainer.run()
         losses.append(trainer.state.output["loss"].item())
@@ -71,7 +72,8 @@ def test_latent_draws_differ_each_iteration():
     trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1,
                                      train_data_loader=[{"z_mu": z_mu, "z_sigma": z_sigma}] * 2,
                                      network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
-                                     noise_scheduler=DDPMScheduler(num_train_timesteps=10), scale_factor=1.0)
+                                     prepare_batch=LatentDiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=10),
+                                                                               1.0))
     trainer.run()
     assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
 
@@ -117,17 +119,64 @@ def test_ema_warmup_forgets_the_initial_weights_and_resumes_its_count(tmp_path):
     assert set(_plain_weights(ema, ema.state_dict())) == set(net.state_dict())
 
 
-def test_ema_update_handler_updates_after_each_optimiser_step():
-    from ignite.engine import Engine
+def test_ema_updates_once_per_optimiser_step_on_model_completed():
+    """EMAUpdate listens to IterationEvents.MODEL_COMPLETED, which the trainer fires after each optimiser step:
+    4 iterations with 2-step gradient accumulation make 2 steps and 2 EMA updates, and the events fire in order."""
+    from monai.engines.utils import IterationEvents
 
-    net = nn.Linear(3, 1)
-    ema = EMA(net, decay=0.5, warmup=False)
-    engine = Engine(lambda e, b: net.weight.data.add_(1.0))
-    engine.is_step_iteration = lambda: engine.state.iteration % 2 == 0  # accumulation over 2 iterations
-    EMAUpdate(ema).attach(engine)
-    before = ema.module.weight.detach().clone()
-    engine.run([0, 1], max_epochs=1)
-    torch.testing.assert_close(ema.module.weight, 0.5 * before + 0.5 * net.weight.detach())  # one update
+    unet = tiny_unet()
+    ema = EMA(unet, decay=0.5, warmup=False)
+    batch = {"z_mu": torch.randn(1, 2, 8, 8, 8), "z_sigma": torch.zeros(1, 2, 8, 8, 8)}
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[batch] * 4, network=unet,
+                                     optimizer=torch.optim.SGD(unet.parameters(), lr=0.1),
+                                     prepare_batch=LatentDiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=10),
+                                                                               1.0),
+                                     accumulation_steps=2, train_handlers=[EMAUpdate(ema)])
+    fired = []
+    for event in IterationEvents:
+        trainer.add_event_handler(event, lambda e, ev=event: fired.append(ev.name))
+    trainer.run()
+    assert ema.num_updates == 2
+    assert fired[:4] == ["FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "FORWARD_COMPLETED"]
+    assert fired.count("MODEL_COMPLETED") == 2 and fired.count("BACKWARD_COMPLETED") == 4
+
+
+def test_prepare_batch_carries_a_condition_into_the_inferer():
+    """The condition slot: datalist fields named by condition_name reach the network as DiffusionInferer's
+    cross-attention context; a missing field fails with one line naming it."""
+    seen = {}
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, timesteps, context=None):
+            seen["context"] = context
+            return x * self.p
+
+    batch = {"z_mu": torch.zeros(2, 2, 4, 4, 4), "z_sigma": torch.ones(2, 2, 4, 4, 4),
+             "age": torch.tensor([60.0, 70.0]), "lesions": torch.tensor([1, 3])}
+    objective = LatentDiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=10), 1.0,
+                                            condition_name=["age", "lesions"])
+    net = Spy()
+    trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
+                                     optimizer=torch.optim.SGD(net.parameters(), lr=0.0), prepare_batch=objective)
+    trainer.run()
+    torch.testing.assert_close(seen["context"], torch.tensor([[60.0, 1.0], [70.0, 3.0]]))
+    with pytest.raises(KeyError, match="condition_name names \\['sex'\\]"):
+        LatentDiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=10), 1.0, condition_name=["sex"])(batch)
+
+
+def test_validation_objective_is_fixed_by_its_generator():
+    objective = LatentDiffusionPrepareBatch(RFlowScheduler(num_train_timesteps=100, use_discrete_timesteps=False), 0.5)
+    batch = {"z_mu": torch.randn(2, 2, 4, 4, 4), "z_sigma": torch.ones(2, 2, 4, 4, 4)}
+    first = objective(batch, generator=torch.Generator().manual_seed(3))
+    again = objective(batch, generator=torch.Generator().manual_seed(3))
+    for a, b in zip([first[0], first[1], first[3]["noise"], first[3]["timesteps"]],
+                    [again[0], again[1], again[3]["noise"], again[3]["timesteps"]], strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(first[1], first[0] - first[3]["noise"])  # the rectified-flow target
 
 
 def test_cache_key_changes_with_autoencoder_weights_and_transform(tmp_path):
@@ -166,9 +215,10 @@ def test_sampler_runs_the_requested_steps(scheduler):
                                   lambda: DDIMScheduler(num_train_timesteps=20)], ids=["ddpm", "ddim"])
 def test_sample_depends_on_seed_and_index_not_batch_size(make, tmp_path):
     ae, unet = tiny_autoencoder(), tiny_unet()
-    common = {"network": unet, "autoencoder": ae, "scale_factor": 1.0, "latent_shape": [2, 4, 4, 4],
-              "spacing": [2.0, 2.0, 2.0], "num_samples": 3, "seed": 5, "num_inference_steps": 4, "progress": False}
-    runs = [generate(scheduler=make(), output_dir=str(tmp_path), batch_size=b, **common) for b in (1, 3)]
+    common = {"latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "num_samples": 3, "seed": 5,
+              "progress": False}
+    runs = [generate(LatentDiffusionPipeline(unet, make(), ae, 1.0, num_inference_steps=4), output_dir=str(tmp_path),
+                     batch_size=b, **common) for b in (1, 3)]
     import nibabel as nib
 
     for i in range(3):
@@ -184,9 +234,9 @@ def test_generation_draws_the_samples_of_its_dataset(tmp_path):
     seed-5 run."""
     import nibabel as nib
 
-    common = {"network": tiny_unet(), "autoencoder": tiny_autoencoder(), "scale_factor": 1.0,
-              "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "num_inference_steps": 3, "progress": False,
-              "scheduler": DDIMScheduler(num_train_timesteps=20)}
+    common = {"pipeline": LatentDiffusionPipeline(tiny_unet(), DDIMScheduler(num_train_timesteps=20),
+                                                  tiny_autoencoder(), 1.0, num_inference_steps=3),
+              "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "progress": False}
     full = generate(output_dir=str(tmp_path / "a"), num_samples=3, seed=5, **common)
     picked = generate(output_dir=str(tmp_path / "b"), samples=[{"index": 2, "seed": 5}], **common)
     assert sorted(p.name for p in picked.glob("*.nii.gz")) == ["sample_0002.nii.gz"]
@@ -197,10 +247,11 @@ def test_generation_draws_the_samples_of_its_dataset(tmp_path):
 def test_generation_amp_autocasts_the_unet_and_decoder(tmp_path):
     import nibabel as nib
 
-    common = {"network": tiny_unet(), "autoencoder": tiny_autoencoder(), "scale_factor": 1.0,
-              "latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "num_samples": 1, "num_inference_steps": 3,
-              "progress": False, "scheduler": DDIMScheduler(num_train_timesteps=20)}
-    plain, autocast = (generate(output_dir=str(tmp_path / str(amp)), amp=amp, **common) for amp in (False, True))
+    unet, ae = tiny_unet(), tiny_autoencoder()
+    common = {"latent_shape": [2, 4, 4, 4], "spacing": [2.0, 2.0, 2.0], "num_samples": 1, "progress": False}
+    plain, autocast = (generate(LatentDiffusionPipeline(unet, DDIMScheduler(num_train_timesteps=20), ae, 1.0,
+                                                        num_inference_steps=3, amp=amp),
+                                output_dir=str(tmp_path / str(amp)), **common) for amp in (False, True))
     a, b = (nib.load(r / "sample_0000.nii.gz") for r in (plain, autocast))
     assert b.get_data_dtype() == a.get_data_dtype() == "float32"
     assert abs(a.get_fdata() - b.get_fdata()).max() > 1e-4
@@ -264,9 +315,8 @@ def test_ddpm_prediction_types_train(prediction_type):
     trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[{"z_mu": torch.randn(2, 2, 4, 4, 4),
                                      "z_sigma": torch.full((2, 2, 4, 4, 4), 0.1)}], network=unet,
                                      optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
-                                     noise_scheduler=DDPMScheduler(num_train_timesteps=50,
-                                                                   prediction_type=prediction_type),
-                                     scale_factor=1.0)
+                                     prepare_batch=LatentDiffusionPrepareBatch(
+                                         DDPMScheduler(num_train_timesteps=50, prediction_type=prediction_type), 1.0))
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
 
@@ -285,7 +335,7 @@ def test_rectified_flow_trains_on_the_velocity_target():
     trainer = LatentDiffusionTrainer(device="cpu", max_epochs=2,
                                      train_data_loader=[{"z_mu": x0, "z_sigma": torch.full_like(x0, 0.1)}],
                                      network=unet, optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
-                                     noise_scheduler=scheduler, scale_factor=1.0)
+                                     prepare_batch=LatentDiffusionPrepareBatch(scheduler, 1.0))
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
 
@@ -308,7 +358,8 @@ def test_scale_factor_is_applied_once_each_way():
     trainer = LatentDiffusionTrainer(device="cpu", max_epochs=1, network=net,
                                      optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
                                      train_data_loader=[{"z_mu": z_mu, "z_sigma": torch.zeros_like(z_mu)}],
-                                     noise_scheduler=DDPMScheduler(num_train_timesteps=10), scale_factor=0.3,
+                                     prepare_batch=LatentDiffusionPrepareBatch(DDPMScheduler(num_train_timesteps=10),
+                                                                               0.3),
                                      inferer=inferer)
     trainer.run()
     torch.testing.assert_close(seen[0], z_mu * 0.3)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 from torch import nn
 from torch.optim import Optimizer
@@ -110,11 +111,14 @@ class AutoencoderTrainer(GenerativeTrainer):
         engine.g_network.train()
         with engine.autocast():
             recon, regularisers = engine.inferer(images, engine.g_adapter)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             fake_logits = engine.frozen_discriminator_logits(recon.float()) if adversarial else None
             terms = engine.loss_function.generator_terms(recon.float(), images, regularisers, fake_logits)
         g_loss = torch.stack([t.float() for t in terms.values()]).sum()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.check_finite({**terms, "generator": g_loss})
         engine.g_step.backward(g_loss, sync=step_now)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step_now:
             engine.g_step.step()
 
@@ -133,6 +137,8 @@ class AutoencoderTrainer(GenerativeTrainer):
                 if step_now:
                     engine.d_step.step()
             losses["d_loss"] = float(d_loss.detach())
+        if step_now:
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         return {CommonKeys.IMAGE: images, CommonKeys.PRED: recon.detach(), CommonKeys.LOSS: g_loss.detach(),
                 "losses": losses}

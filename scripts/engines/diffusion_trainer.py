@@ -7,56 +7,57 @@ from typing import Any
 
 import torch
 from monai.engines import Evaluator
+from monai.engines.utils import IterationEvents
 from monai.inferers import DiffusionInferer
 from monai.utils import CommonKeys
 from torch import nn
 from torch.optim import Optimizer
 
-from scripts.diffusion import diffusion_target, sample_timesteps
+from scripts.diffusion import LatentDiffusionPrepareBatch
 from scripts.engines.base import (
     GenerativeTrainer,
     OptimizerStep,
     amp_dtype_of,
     autocast_context,
 )
-from scripts.latents import PrepareLatents
 
-__all__ = ["LatentDiffusionEvaluator", "LatentDiffusionTrainer", "diffusion_loss", "lower_is_better"]
+__all__ = [
+    "LatentDiffusionEvaluator", "LatentDiffusionTrainer", "diffusion_loss", "diffusion_step_loss", "lower_is_better",
+]
 
 
-def _noised_loss(engine: Any, network: nn.Module, z_mu: torch.Tensor, z_sigma: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Diffusion loss of one batch: sample ``z ~ N(mu, sigma^2)``, scale, noise at random timesteps, predict."""
-    def randn(like: torch.Tensor) -> torch.Tensor:
-        if generator is None:
-            return torch.randn_like(like)
-        return torch.randn(like.shape, generator=generator).to(like.device)
-
-    latents = (z_mu + z_sigma * randn(z_mu)) * engine.scale_factor
-    noise = randn(latents)
-    timesteps = sample_timesteps(engine.noise_scheduler, latents, generator)
+def diffusion_step_loss(engine: Any, network: nn.Module, batchdata: dict,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion loss of one batch: ``engine.prepare_batch`` (a :class:`LatentDiffusionPrepareBatch`) gives the
+    scaled latents, target and the inferer's ``noise``/``timesteps``/``condition``; the inferer noises and predicts."""
+    extra = {} if generator is None else {"generator": generator}
+    inputs, target, args, kwargs = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
+                                                        **extra, **engine.to_kwargs)
     with engine.autocast():
-        prediction = engine.inferer(inputs=latents, diffusion_model=network, noise=noise, timesteps=timesteps)
-    target = diffusion_target(engine.noise_scheduler, latents, noise, timesteps)
-    return engine.loss_function(prediction.float(), target.float())
+        prediction = engine.inferer(inputs, network, *args, **kwargs)
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+    loss = engine.loss_function(prediction.float(), target.float())
+    engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    return loss
 
 
 class LatentDiffusionTrainer(GenerativeTrainer):
     """Denoising training in latent space (Rombach et al. 2022) with any MONAI noise scheduler.
 
-    Each iteration: ``(z_mu, z_sigma) = prepare_batch(batch)`` (cached or freshly encoded posterior),
-    ``z = (z_mu + z_sigma * eps) * scale_factor``, noise at sampled timesteps through ``inferer``
-    (MONAI's ``DiffusionInferer`` on latents), MSE against the scheduler's target (noise, velocity, sample, or the
-    rectified-flow velocity).
+    Each iteration: ``prepare_batch`` (a :class:`scripts.diffusion.LatentDiffusionPrepareBatch`) samples the
+    latent ``z = (z_mu + z_sigma * eps) * scale_factor`` of the (cached or freshly encoded) posterior, the noise,
+    the timesteps, the target and the optional condition; ``inferer`` (MONAI's ``DiffusionInferer`` on latents)
+    noises and predicts; MSE against the target. Fires MONAI's ``IterationEvents``: ``FORWARD_COMPLETED``,
+    ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``, and ``MODEL_COMPLETED`` after each optimiser step (EMA updates
+    attach there).
 
     Args:
         network: the diffusion UNet (latent space in and out).
         optimizer: its optimiser.
-        noise_scheduler: MONAI ``DDPMScheduler`` or ``RFlowScheduler`` (its ``prediction_type`` sets the target).
-        scale_factor: multiplies latents to unit variance (see :func:`scripts.latents.estimate_scale_factor`).
+        prepare_batch: the objective, :class:`scripts.diffusion.LatentDiffusionPrepareBatch` (scheduler, scale
+            factor, latents, condition).
         loss_function: default ``MSELoss``.
-        inferer: default ``DiffusionInferer(noise_scheduler)``.
-        prepare_batch: default ``PrepareLatents()`` (batches of cached posteriors).
+        inferer: default ``DiffusionInferer`` with the objective's scheduler.
         other arguments: see :class:`scripts.engines.base.GenerativeTrainer`.
     """
 
@@ -67,21 +68,17 @@ class LatentDiffusionTrainer(GenerativeTrainer):
         train_data_loader: Iterable,
         network: nn.Module,
         optimizer: Optimizer,
-        noise_scheduler: nn.Module,
-        scale_factor: float,
+        prepare_batch: LatentDiffusionPrepareBatch,
         loss_function: Callable | None = None,
         inferer: DiffusionInferer | None = None,
-        prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
-                         prepare_batch=PrepareLatents() if prepare_batch is None else prepare_batch,
-                         inferer=inferer or DiffusionInferer(noise_scheduler),
+                         prepare_batch=prepare_batch,
+                         inferer=inferer or DiffusionInferer(prepare_batch.noise_scheduler),
                          train_handlers=train_handlers, stage=kwargs.pop("stage", "stage-2"), **kwargs)
         self.network = network
-        self.noise_scheduler = noise_scheduler
-        self.scale_factor = float(scale_factor)
         self.loss_function = loss_function or nn.MSELoss()
         self.step = self.make_step(network, optimizer)
 
@@ -89,14 +86,15 @@ class LatentDiffusionTrainer(GenerativeTrainer):
         return {"step": self.step}
 
     def _iteration(self, engine: LatentDiffusionTrainer, batchdata: dict) -> dict:
-        z_mu, z_sigma = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.network.train()
-        loss = _noised_loss(engine, engine.network, z_mu, z_sigma)
+        loss = diffusion_step_loss(engine, engine.network, batchdata)
         engine.check_finite({"diffusion": loss})
         step_now = engine.is_step_iteration()
         engine.step.backward(loss, sync=step_now)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step_now:
             engine.step.step()
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
         value = float(loss.detach())
         return {CommonKeys.LOSS: loss.detach(), "losses": {"diffusion": value}}
 
@@ -107,22 +105,20 @@ class LatentDiffusionEvaluator(Evaluator):
 
     Args:
         network: the network to score (usually the EMA weights).
-        noise_scheduler, scale_factor, inferer: as for :class:`LatentDiffusionTrainer`.
+        prepare_batch: the objective, shared with the trainer (:class:`scripts.diffusion.LatentDiffusionPrepareBatch`).
+        inferer: default ``DiffusionInferer`` with the objective's scheduler.
         seed: base seed of the fixed randomness.
         other arguments: see ``monai.engines.Evaluator``.
     """
 
     def __init__(self, device: str | torch.device, val_data_loader: Iterable, network: nn.Module,
-                 noise_scheduler: nn.Module, scale_factor: float, inferer: DiffusionInferer | None = None,
-                 prepare_batch: Callable | None = None, seed: int = 0, amp: bool = False,
-                 amp_dtype: str = "bfloat16", loss_function: Callable | None = None, **kwargs: Any) -> None:
-        prepare_batch = PrepareLatents() if prepare_batch is None else prepare_batch
+                 prepare_batch: LatentDiffusionPrepareBatch, inferer: DiffusionInferer | None = None,
+                 seed: int = 0, amp: bool = False, amp_dtype: str = "bfloat16", loss_function: Callable | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(device=device, val_data_loader=val_data_loader, prepare_batch=prepare_batch,
                          decollate=False, **kwargs)
         self.network = network
-        self.noise_scheduler = noise_scheduler
-        self.scale_factor = float(scale_factor)
-        self.inferer = inferer or DiffusionInferer(noise_scheduler)
+        self.inferer = inferer or DiffusionInferer(prepare_batch.noise_scheduler)
         self.loss_function = loss_function or nn.MSELoss()
         self.seed = seed
         self.use_amp = amp
@@ -132,11 +128,10 @@ class LatentDiffusionEvaluator(Evaluator):
         return autocast_context(self.state.device, self.use_amp, self.amp_dtype)
 
     def _iteration(self, engine: LatentDiffusionEvaluator, batchdata: dict) -> dict:
-        z_mu, z_sigma = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.network.eval()
         generator = torch.Generator().manual_seed(engine.seed * 7919 + engine.state.iteration)
         with torch.no_grad():
-            loss = _noised_loss(engine, engine.network, z_mu, z_sigma, generator)
+            loss = diffusion_step_loss(engine, engine.network, batchdata, generator)
         return {CommonKeys.LOSS: loss}
 
 

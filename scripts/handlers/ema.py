@@ -6,7 +6,8 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
+from monai.engines.utils import IterationEvents
 from torch import nn
 
 from scripts.networks import unwrap
@@ -71,8 +72,9 @@ class EMA:
 
 
 class EMAUpdate:
-    """Training handler: one :meth:`EMA.update` after every optimiser step (every iteration that ends a
-    gradient-accumulation window, as the trainer's ``is_step_iteration`` tells; every iteration otherwise).
+    """Training handler: one :meth:`EMA.update` after every optimiser step, on MONAI's
+    ``IterationEvents.MODEL_COMPLETED``, which the bundle's trainers fire after each optimiser step (the iterations
+    that end a gradient-accumulation window).
 
     The averaged weights live in the :class:`EMA` object, which validation and checkpoints reference; this handler
     only schedules its updates, so that ``train#handlers`` holds handler definitions alone.
@@ -85,9 +87,7 @@ class EMAUpdate:
         self.ema = ema
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_update)
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._update)
 
-    def _maybe_update(self, engine: Engine) -> None:
-        is_step = getattr(engine, "is_step_iteration", None)
-        if is_step is None or is_step():
-            self.ema.update()
+    def _update(self, engine: Engine) -> None:
+        self.ema.update()

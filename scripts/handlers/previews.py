@@ -6,7 +6,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from monai.utils import CommonKeys
 from scripts.distributed import is_main_rank
 from scripts.storage import atomic_write_json
 from scripts.visualize import montage, plot_curves
+
+if TYPE_CHECKING:
+    from scripts.sampling import LatentDiffusionPipeline
 
 __all__ = ["LossCurves", "ReconstructionPreview", "SamplePreview"]
 
@@ -86,32 +89,26 @@ class ReconstructionPreview:
 class SamplePreview:
     """A few samples from the diffusion model at each validation round: mid-slices as PNG and TensorBoard image.
 
-    Samples start from the same seeded noise every round, so the previews show the model's progress.
+    Samples start from the same seeded noise every round, so the previews show the model's progress. They are
+    drawn by the same :class:`scripts.sampling.LatentDiffusionPipeline` as generation.
 
     Args:
-        network: the network to sample with (usually the EMA weights), latent space.
-        autoencoder: stage-1 autoencoder for decoding.
-        scheduler: sampler (e.g. a DDIM scheduler).
-        scale_factor: latent scale factor of the training.
+        pipeline: the sampling pipeline (usually on the EMA weights, with a fast sampler and few steps).
         latent_shape: ``(latent_channels, *latent_spatial)``.
         output_dir: folder of the PNG files.
         log_dir: TensorBoard folder, or ``None``.
         num_samples: samples per preview.
-        num_inference_steps: sampling steps.
         seed: seed of the starting noise.
         tag: prefix of file names and TensorBoard tags.
     """
 
-    def __init__(self, network: torch.nn.Module, autoencoder: torch.nn.Module, scheduler: torch.nn.Module,
-                 scale_factor: float, latent_shape: list[int], output_dir: str, log_dir: str | None = None,
-                 num_samples: int = 2, num_inference_steps: int = 25, seed: int = 0, tag: str = "stage2") -> None:
-        self.network, self.autoencoder, self.scheduler = network, autoencoder, scheduler
-        self.scale_factor = float(scale_factor)
+    def __init__(self, pipeline: LatentDiffusionPipeline, latent_shape: list[int], output_dir: str,
+                 log_dir: str | None = None, num_samples: int = 2, seed: int = 0, tag: str = "stage2") -> None:
+        self.pipeline = pipeline
         self.latent_shape = list(latent_shape)
         self.output_dir = Path(output_dir)
         self.log_dir = log_dir
         self.num_samples = int(num_samples)
-        self.num_inference_steps = int(num_inference_steps)
         self.seed = int(seed)
         self.tag = tag
         self._writer = None
@@ -122,13 +119,11 @@ class SamplePreview:
     def _write(self, engine: Engine) -> None:
         if not is_main_rank() or self.num_samples < 1:
             return
-        from scripts.diffusion import decode_latents, sample_latents
-        from scripts.generation import initial_noise
+        from scripts.sampling import initial_noise
 
-        device = next(self.network.parameters()).device
+        device = next(self.pipeline.network.parameters()).device
         noise = initial_noise(self.latent_shape, list(range(self.num_samples)), self.seed, device)
-        latents = sample_latents(self.network, self.scheduler, noise, self.num_inference_steps, progress=False)
-        images = decode_latents(self.autoencoder, latents, self.scale_factor).float().cpu().numpy()
+        images = self.pipeline(noise, progress=False).cpu().numpy()
         epoch = engine.state.epoch
         rgb = montage([(f"sample {i}", img) for i, img in enumerate(images)],
                       self.output_dir / f"{self.tag}_samples_epoch{epoch:04d}.png", title=f"{self.tag}, epoch {epoch}")

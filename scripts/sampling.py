@@ -1,0 +1,213 @@
+"""Sampling: the reverse process with any MONAI scheduler, and the pipeline that generation and previews share.
+
+:class:`LatentDiffusionPipeline` holds what sampling needs (the UNet, a scheduler, the decoder, and optionally a
+condition with classifier-free guidance, or a ControlNet) and turns starting noise into images. Conditions enter
+through one slot, as in training: the ``condition`` tensor that MONAI's ``DiffusionInferer`` passes as
+cross-attention ``context`` (``mode="crossattn"``) or concatenates to the input channels (``mode="concat"``).
+Every random draw is per sample (:func:`sample_generators`), so a sample depends only on its ``(seed, index)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer, SimpleInferer
+from monai.networks.schedulers import DDPMScheduler, PNDMScheduler, RFlowScheduler
+from torch import nn
+
+from scripts.engines.base import amp_dtype_of, autocast_context
+from scripts.networks import AutoencoderDecoder
+
+__all__ = [
+    "LatentDiffusionPipeline", "decode_latents", "initial_noise", "reverse_process", "sample_generators",
+    "sample_latents",
+]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MODES = ("crossattn", "concat")
+
+
+def sample_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One random generator per sample index, so that sample ``i`` depends only on ``(seed, i)``."""
+    return [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
+
+
+def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int,
+                  device: str | torch.device) -> torch.Tensor:
+    """Starting noise ``(len(indices), *latent_shape)``; sample ``i``'s noise depends only on ``(seed, i)``."""
+    generators = sample_generators(seed, indices)  # on CPU: the same noise on any device
+    return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
+
+
+def reverse_process(
+    denoise: Denoiser,
+    scheduler: nn.Module,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    generators: Sequence[torch.Generator] | None = None,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` (latent space, ``(B, C, *latent_spatial)``) to clean latents;
+    ``denoise(x, timesteps)`` is the model output the scheduler expects.
+
+    Stochastic steps (DDPM, DDIM with eta > 0) draw their noise per sample from ``generators``, so a sample does
+    not depend on the batch it was drawn in.
+    """
+    if isinstance(scheduler, RFlowScheduler):
+        scheduler.set_timesteps(num_inference_steps, device=noise.device, input_img_size_numel=int(noise[0, 0].numel()))
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    if isinstance(scheduler, PNDMScheduler):  # PNDM keeps a history of model outputs across steps
+        scheduler.ets, scheduler.counter, scheduler.cur_sample = [], 0, None
+    timesteps = list(scheduler.timesteps)
+    steps = zip(timesteps, timesteps[1:] + [0], strict=True)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(list(steps), desc=desc, leave=False)
+    x = noise
+    per_sample = generators is not None and isinstance(scheduler, DDPMScheduler)
+    for t, next_t in steps:
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        if not isinstance(scheduler, RFlowScheduler):
+            t_batch = t_batch.long()
+        with torch.no_grad():
+            model_output = denoise(x, t_batch)
+        if isinstance(scheduler, RFlowScheduler):
+            x, _ = scheduler.step(model_output, t, x, next_t)
+        elif per_sample:
+            x = torch.cat([scheduler.step(model_output[i : i + 1], t, x[i : i + 1], generator=g)[0]
+                           for i, g in enumerate(generators)])
+        else:
+            x, _ = scheduler.step(model_output, t, x)
+    return x
+
+
+def sample_latents(network: nn.Module, scheduler: nn.Module, noise: torch.Tensor, num_inference_steps: int,
+                   generators: Sequence[torch.Generator] | None = None, progress: bool = True,
+                   desc: str = "sampling") -> torch.Tensor:
+    """Unconditional sampling with ``network(x, timesteps=t)``: :func:`reverse_process` without a pipeline."""
+    return reverse_process(lambda x, t: network(x, timesteps=t), scheduler, noise, num_inference_steps, generators,
+                           progress, desc)
+
+
+def decode_latents(
+    autoencoder: nn.Module, latents: torch.Tensor, scale_factor: float, inferer: Inferer | None = None
+) -> torch.Tensor:
+    """Decode diffusion latents to images: ``decoder(latents / scale_factor)``, tiled when ``inferer`` is a
+    ``SlidingWindowInferer`` over the latent (its output is upsampled by the autoencoder's factor)."""
+    decoder = AutoencoderDecoder(autoencoder, scale_factor).eval()
+    with torch.no_grad():
+        return (inferer or SimpleInferer())(latents, decoder)
+
+
+class LatentDiffusionPipeline:
+    """Noise -> latents -> images: the one sampling path of generation and of the training previews.
+
+    Args:
+        network: the diffusion UNet (usually the EMA weights), latent space.
+        scheduler: the sampler (MONAI DDPM/DDIM/PNDM/RFlow scheduler).
+        autoencoder: stage-1 autoencoder; its decoder maps ``latent / scale_factor`` to image space.
+        scale_factor: the training scale factor.
+        num_inference_steps: reverse-process steps.
+        decode_inferer: e.g. a ``SlidingWindowInferer`` over the latent for tiled decoding in bounded memory.
+        mode: how a condition enters the UNet: ``"crossattn"`` (``context=``) or ``"concat"`` (extra input
+            channels), as MONAI's ``DiffusionInferer``.
+        guidance_scale: classifier-free guidance weight ``w`` for conditioned sampling: the model output is
+            ``uncond + w * (cond - uncond)``; 1 (default) is plain conditional sampling, one network call a step.
+        controlnet: a MONAI ``ControlNet`` whose residuals are added to the UNet's (its control image is given
+            per call).
+        conditioning_scale: weight of the ControlNet residuals.
+        amp: autocast the UNet and the decoder; the images are float32.
+        amp_dtype: ``"bfloat16"`` or ``"float16"``.
+    """
+
+    def __init__(self, network: nn.Module, scheduler: nn.Module, autoencoder: nn.Module, scale_factor: float,
+                 num_inference_steps: int, decode_inferer: Inferer | None = None, mode: str = "crossattn",
+                 guidance_scale: float = 1.0, controlnet: nn.Module | None = None, conditioning_scale: float = 1.0,
+                 amp: bool = False, amp_dtype: str = "bfloat16") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got '{mode}'.")
+        self.network, self.scheduler, self.autoencoder = network, scheduler, autoencoder
+        self.scale_factor = float(scale_factor)
+        self.num_inference_steps = int(num_inference_steps)
+        self.decode_inferer = decode_inferer
+        self.mode = mode
+        self.guidance_scale = float(guidance_scale)
+        self.controlnet = controlnet
+        self.conditioning_scale = float(conditioning_scale)
+        self.amp = bool(amp)
+        self.amp_dtype = amp_dtype_of(amp_dtype)
+
+    def network_calls_per_step(self, conditioned: bool) -> int:
+        """UNet evaluations per sample and step: 2 with classifier-free guidance (batched together), else 1."""
+        return 2 if conditioned and self.guidance_scale != 1.0 else 1
+
+    def _output(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None,
+                control: torch.Tensor | None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if condition is not None and self.mode == "concat":
+            x_in = torch.cat([x, condition.to(x.dtype)], dim=1)
+        else:
+            x_in = x
+            if condition is not None:
+                kwargs["context"] = condition
+        if self.controlnet is not None:
+            if control is None:
+                raise ValueError("this pipeline has a ControlNet: give its control image (control=...).")
+            down, mid = self.controlnet(x=x_in, timesteps=t, controlnet_cond=control,
+                                        conditioning_scale=self.conditioning_scale, **kwargs)
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return self.network(x_in, timesteps=t, **kwargs)
+
+    def denoiser(self, condition: torch.Tensor | None = None, unconditional: torch.Tensor | None = None,
+                 control: torch.Tensor | None = None) -> Denoiser:
+        """``(x, t) -> model output`` for a batch: conditioned on ``condition`` and, with guidance, pulled away from
+        ``unconditional`` (the null condition, broadcast to the batch)."""
+        if self.network_calls_per_step(condition is not None) == 1:
+            return lambda x, t: self._output(x, t, condition, control)
+        if unconditional is None:
+            raise ValueError(f"guidance_scale {self.guidance_scale} needs the unconditional (null) condition; "
+                             "pass unconditional=..., or set guidance_scale to 1.")
+        null = unconditional.to(condition.device, condition.dtype).expand_as(condition)
+        both = torch.cat([null, condition])
+        both_control = None if control is None else torch.cat([control, control])
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out_null, out_cond = self._output(torch.cat([x, x]), torch.cat([t, t]), both, both_control).chunk(2)
+            return out_null + self.guidance_scale * (out_cond - out_null)
+
+        return guided
+
+    def sample(self, noise: torch.Tensor, generators: Sequence[torch.Generator] | None = None,
+               condition: torch.Tensor | None = None, unconditional: torch.Tensor | None = None,
+               control: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+        """Clean latents from ``noise`` ``(B, *latent_shape)``."""
+        return reverse_process(self.denoiser(condition, unconditional, control), self.scheduler, noise,
+                               self.num_inference_steps, generators, progress,
+                               desc=f"sampling ({type(self.scheduler).__name__})")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images from clean latents (tiled by ``decode_inferer`` when given)."""
+        return decode_latents(self.autoencoder, latents, self.scale_factor, self.decode_inferer)
+
+    def __call__(self, noise: torch.Tensor, generators: Sequence[torch.Generator] | None = None,
+                 condition: torch.Tensor | None = None, unconditional: torch.Tensor | None = None,
+                 control: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+        """Images ``(B, C, *spatial)``, float32, from starting noise."""
+        with autocast_context(noise.device, self.amp, self.amp_dtype):
+            latents = self.sample(noise, generators, condition, unconditional, control, progress)
+            images = self.decode(latents)
+        return images.float()
+
+    def describe(self, conditioned: bool = False) -> dict[str, Any]:
+        """The sampling settings for a manifest."""
+        return {"sampler": type(self.scheduler).__name__,
+                "prediction_type": str(getattr(self.scheduler, "prediction_type", "")),
+                "num_inference_steps": self.num_inference_steps, "scale_factor": self.scale_factor,
+                "condition_mode": self.mode, "guidance_scale": self.guidance_scale,
+                "network_calls_per_step": self.network_calls_per_step(conditioned),
+                "controlnet": self.controlnet is not None, "amp": self.amp}
