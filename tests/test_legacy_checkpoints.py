@@ -10,8 +10,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.networks import load_weights
 from scripts.schedulers import make_scheduler
+from scripts.weights import load_weights
 from tests.helpers import ROOT, TINY, TINY_DIFFUSION, overrides_for, run_bundle
 
 with warnings.catch_warnings():
@@ -93,7 +93,7 @@ def test_brats_reference_weights_load_with_brats_overlay(tmp_path, monkeypatch):
     wf = ConfigWorkflow(config_file=["configs/inference.json", "configs/brats.json"], workflow_type="infer",
                         meta_file="configs/metadata.json", logging_file=False, model_dir=str(models),
                         output_dir=str(tmp_path / "outputs"), use_ema=False, scale_factor=1.0)
-    wf.initialize()  # loads both files through scripts.networks.load_weights, as generation does
+    wf.initialize()  # loads both files through scripts.weights.load_weights, as generation does
     new_ae, new_unet = wf.parser.get_parsed_content("autoencoder"), wf.parser.get_parsed_content("diffusion")
     z, t = torch.randn(1, 8, 4, 4, 4), torch.tensor([500])
     with torch.no_grad():

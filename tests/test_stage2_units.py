@@ -14,6 +14,7 @@ from monai.networks.schedulers import (
 )
 from torch import nn
 
+from scripts.autoencoders import latent_spatial_shape
 from scripts.diffusion import decode_latents, sample_latents
 from scripts.engines import LatentDiffusionTrainer
 from scripts.engines.base import AutocastInferer
@@ -21,7 +22,6 @@ from scripts.generation import generate, initial_noise
 from scripts.handlers import EMA, EMAUpdate
 from scripts.handlers.ema import NUM_UPDATES_KEY
 from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
-from scripts.networks import latent_spatial_shape
 from scripts.schedulers import check_sampler
 
 

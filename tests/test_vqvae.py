@@ -12,14 +12,16 @@ from ignite.engine import Engine
 from monai.networks.nets import VQVAE, AutoencoderKL
 from monai.utils import set_determinism
 
-from scripts.autoencoders import KLAutoencoderAdapter, VQAutoencoderAdapter, adapt
-from scripts.handlers import CodebookUsage
-from scripts.losses import AutoencoderLoss
-from scripts.networks import (
-    AutoencoderReconstruction,
+from scripts.autoencoders import (
+    KLAutoencoderAdapter,
+    VQAutoencoderAdapter,
+    adapt,
     check_spatial_size,
     downsample_factor,
 )
+from scripts.handlers import CodebookUsage
+from scripts.losses import AutoencoderLoss
+from scripts.networks import AutoencoderReconstruction
 from tests.helpers import overrides_for, run_bundle
 
 VQ_TRAIN = ["configs/train_autoencoder.json", "configs/vqvae.json"]

@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from scripts.networks import unwrap
+from scripts.distributed import unwrap
 
 __all__ = ["EMA", "EMAUpdate", "NUM_UPDATES_KEY"]
 
