@@ -50,15 +50,14 @@ import math
 import os
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
+from scripts.nifti import centered_affine, save_nifti
 from scripts.storage import atomic_write
 
 __all__ = [
     "GENERATOR_VERSION",
     "LABELS",
-    "demo_affine",
     "ensure_demo_data",
     "make_demo_dataset",
     "make_subject",
@@ -178,22 +177,6 @@ def _to_builtin(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 # one subject
 # --------------------------------------------------------------------------------------------------
-def demo_affine(size: int = 64, spacing: float = 3.0) -> np.ndarray:
-    """Return the RAS affine used for every demo volume.
-
-    Args:
-        size: number of voxels along each axis.
-        spacing: isotropic voxel size in mm.
-
-    Returns:
-        A 4x4 float64 array ``diag(spacing, spacing, spacing, 1)`` whose translation puts the volume
-        centre at world (0, 0, 0).
-    """
-    affine = np.diag([float(spacing)] * 3 + [1.0])
-    affine[:3, 3] = -(size - 1) / 2.0 * float(spacing)
-    return affine
-
-
 def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Generate one random head phantom.
 
@@ -423,18 +406,6 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
 # --------------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------------
-def _save_nifti(array: np.ndarray, affine: np.ndarray, spacing: float, path: str) -> None:
-    """Write ``array`` as NIfTI-1 with scanner-coded qform and sform, atomically."""
-    img = nib.Nifti1Image(array, affine)
-    header = img.header
-    header.set_data_dtype(array.dtype)
-    header.set_zooms((float(spacing),) * 3)
-    header.set_xyzt_units(xyz="mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
-
-
 def _split_sizes(num_subjects: int, num_validation: int, num_test: int) -> tuple[int, int, int]:
     """Return ``(n_train, n_validation, n_test)``, shrinking the held-out splits if no training subject is left.
 
@@ -516,7 +487,7 @@ def make_demo_dataset(
     output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-    affine = demo_affine(size, spacing)
+    affine = centered_affine((size,) * 3, (spacing,) * 3)  # RAS, volume centre at world (0, 0, 0)
 
     entries = []
     for i in range(num_subjects):
@@ -525,8 +496,8 @@ def make_demo_dataset(
         name = f"demo_{i:03d}"
         image_rel = f"imagesTr/{name}.nii.gz"
         label_rel = f"labelsTr/{name}.nii.gz"
-        _save_nifti(image, affine, spacing, os.path.join(output_dir, image_rel))
-        _save_nifti(label, affine, spacing, os.path.join(output_dir, label_rel))
+        save_nifti(image, affine, os.path.join(output_dir, image_rel), dtype=None)  # float32
+        save_nifti(label, affine, os.path.join(output_dir, label_rel), dtype=None)  # uint8
         entries.append({"image": image_rel, "label": label_rel, "subject": name, "params": params})
 
     datalist = {
