@@ -162,27 +162,16 @@ def load_batches(data_dir: str, args: argparse.Namespace, device: torch.device) 
 # one recipe (child process)
 # --------------------------------------------------------------------------------------------------
 def build_networks(channels: tuple[int, ...], device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The autoencoder and discriminator of ``configs/common.json`` (seeded, so both recipes start equal)."""
-    from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+    """``autoencoder_def`` (with ``channels``) and ``discriminator_def`` of ``configs/common.json`` (seeded, so both
+    recipes start equal)."""
+    from monai.bundle import ConfigParser
 
+    config = ConfigParser()
+    config.read_config(str(REPO_ROOT / "configs" / "common.json"))
+    config.update({"autoencoder_channels": list(channels), "autoencoder_def#attention_levels": [False] * len(channels)})
     torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=channels,
-        latent_channels=4,
-        num_res_blocks=1,
-        norm_num_groups=16,
-        norm_eps=1e-6,
-        attention_levels=(False,) * len(channels),
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-        include_fc=False,
-    )
-    discriminator = PatchDiscriminator(
-        spatial_dims=3, channels=16, in_channels=1, out_channels=1, num_layers_d=3, norm="INSTANCE"
-    )
+    autoencoder = config.get_parsed_content("autoencoder_def")
+    discriminator = config.get_parsed_content("discriminator_def")
     return autoencoder.to(device), discriminator.to(device)
 
 

@@ -21,8 +21,8 @@ What is measured
     3. Peak memory of every measurement: each runs in its own subprocess and reports its ``ru_maxrss`` (which
        includes the interpreter, torch/MONAI and the loaded data); on CUDA also ``torch.cuda.max_memory_allocated``.
 
-Networks and schedulers are those of ``configs/common.json`` (``autoencoder_def``, ``network_def``, ``schedulers``),
-written out here; the optimiser is AdamW (lr 1e-4) as in ``configs/train_diffusion.json``.
+Networks are read from ``configs/common.json`` (``autoencoder_def``, ``network_def``) and schedulers are those of
+its ``schedulers``, written out here; the optimiser is AdamW (lr 1e-4) as in ``configs/train_diffusion.json``.
 
 How
     Demo head phantoms (``scripts.demo_data.make_demo_dataset``) are written once into a temporary folder and loaded
@@ -62,7 +62,6 @@ TRAIN_VARIANTS = ("cached", "encode", "bare")
 #: configs/inference.json "default_inference_steps"
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "pndm": 50, "rflow": 30}
 MAX_DISTINCT_BATCHES = 4  # more batches than this are cycled: the content of a batch does not change the cost
-AE_CHANNELS = (16, 32, 32)
 TARGET_SPEEDUP = 3.0
 
 
@@ -176,29 +175,25 @@ def latent_batches(data_dir: str, args: argparse.Namespace, device: torch.device
 # --------------------------------------------------------------------------------------------------
 # networks (configs/common.json)
 # --------------------------------------------------------------------------------------------------
-def build_autoencoder(device: torch.device) -> torch.nn.Module:
-    """``autoencoder_def`` with random weights (seed 0): the speed does not depend on them."""
-    from monai.networks.nets import AutoencoderKL
+def build_network(net_id: str, seed: int) -> torch.nn.Module:
+    """``net_id`` of ``configs/common.json`` at its default sizes, with random weights drawn after
+    ``torch.manual_seed(seed)``: the speed does not depend on them."""
+    from monai.bundle import ConfigParser
 
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, channels=AE_CHANNELS, num_res_blocks=1,
-        norm_num_groups=16, norm_eps=1e-6, attention_levels=(False, False, False),
-        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False,
-    )
-    return autoencoder.to(device).eval()
+    config = ConfigParser()
+    config.read_config(str(REPO_ROOT / "configs" / "common.json"))
+    torch.manual_seed(seed)
+    return config.get_parsed_content(net_id)
+
+
+def build_autoencoder(device: torch.device) -> torch.nn.Module:
+    """``autoencoder_def`` (seed 0)."""
+    return build_network("autoencoder_def", seed=0).to(device).eval()
 
 
 def build_unet(device: torch.device) -> torch.nn.Module:
-    """``network_def`` with random weights (seed 1)."""
-    from monai.networks.nets import DiffusionModelUNet
-
-    torch.manual_seed(1)
-    unet = DiffusionModelUNet(
-        spatial_dims=3, in_channels=4, out_channels=4, channels=(32, 64, 64), attention_levels=(False, False, True),
-        num_head_channels=(0, 0, 32), num_res_blocks=1, norm_num_groups=16, include_fc=False,
-    )
-    return unet.to(device)
+    """``network_def`` (seed 1)."""
+    return build_network("network_def", seed=1).to(device)
 
 
 def build_scheduler(name: str, size: int) -> torch.nn.Module:

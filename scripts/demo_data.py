@@ -48,17 +48,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
+from scripts.nifti import centered_affine, save_nifti
 from scripts.storage import atomic_write
 
 __all__ = [
     "GENERATOR_VERSION",
     "LABELS",
-    "demo_affine",
     "ensure_demo_data",
     "make_demo_dataset",
     "make_subject",
@@ -176,89 +176,111 @@ def _to_builtin(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# one subject
+# one subject, step by step (each step draws from ``rng`` in the order make_subject calls them)
 # --------------------------------------------------------------------------------------------------
-def demo_affine(size: int = 64, spacing: float = 3.0) -> np.ndarray:
-    """Return the RAS affine used for every demo volume.
+@dataclass(frozen=True)
+class _Grid:
+    """The voxel grid: ``size**3`` voxels of ``spacing`` mm, centred at world (0, 0, 0)."""
 
-    Args:
-        size: number of voxels along each axis.
-        spacing: isotropic voxel size in mm.
+    size: int
+    spacing: float
+    scale: float  #: field of view relative to the 192 mm at which the anatomy is quoted
+    coord: np.ndarray  #: voxel centres along one axis (mm), float32
 
-    Returns:
-        A 4x4 float64 array ``diag(spacing, spacing, spacing, 1)`` whose translation puts the volume
-        centre at world (0, 0, 0).
-    """
-    affine = np.diag([float(spacing)] * 3 + [1.0])
-    affine[:3, 3] = -(size - 1) / 2.0 * float(spacing)
-    return affine
+    @classmethod
+    def of(cls, size: int, spacing: float) -> _Grid:
+        coord = ((np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * spacing).astype(np.float32)
+        return cls(size, spacing, size * spacing / _REFERENCE_FOV_MM, coord)
+
+    @property
+    def soft_width(self) -> float:
+        """Partial-volume transition width (mm)."""
+        return 0.3 * self.spacing
+
+    @property
+    def voxel_ml(self) -> float:
+        return self.spacing**3 / 1000.0
+
+    def local_frame(self, origin_mm: np.ndarray, rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Voxel coordinates in a frame at ``origin_mm`` rotated by ``rotation``: ``R^T (p_world - origin)``,
+        three broadcastable float32 arrays."""
+        wx = self.coord[:, None, None] - np.float32(origin_mm[0])
+        wy = self.coord[None, :, None] - np.float32(origin_mm[1])
+        wz = self.coord[None, None, :] - np.float32(origin_mm[2])
+        r = rotation.astype(np.float32)
+        return (r[0, 0] * wx + r[1, 0] * wy + r[2, 0] * wz,
+                r[0, 1] * wx + r[1, 1] * wy + r[2, 1] * wz,
+                r[0, 2] * wx + r[1, 2] * wy + r[2, 2] * wz)
 
 
-def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Generate one random head phantom.
+@dataclass(frozen=True)
+class _Head:
+    """Head pose and shape, the layers outside the brain, and the head frame (coordinates ``hx, hy, hz``, mm)."""
 
-    Args:
-        rng: random generator; the result is a deterministic function of its state.
-        size: number of voxels along each axis (the volume is ``size**3``).
-        spacing: isotropic voxel size in mm. Anatomical sizes scale with the field of view
-            ``size * spacing`` relative to 192 mm (64 x 3 mm), but never drop below about a voxel.
+    radii: np.ndarray
+    rotation_deg: np.ndarray
+    shift_mm: np.ndarray
+    hx: np.ndarray
+    hy: np.ndarray
+    hz: np.ndarray
+    t_scalp: float
+    t_skull: float
+    d_head: np.ndarray  #: signed distance (mm, negative inside) to the scalp surface
+    d_skull_in: np.ndarray  #: to the inner surface of the skull
+    brain_offset: float  #: scalp + skull + CSF thickness
+    brain_radii: np.ndarray
 
-    Returns:
-        ``(image, label, params)``: ``image`` float32 ``(size, size, size)`` in (x, y, z) = RAS order,
-        background near 0 and noise-free maximum 1; ``label`` uint8 of the same shape (0 background,
-        1 brain, 2 ventricles, 3 lesion); ``params`` a JSON-serialisable dict of the generating
-        parameters. Volumes (``*_volume_ml``, ``lesion_volumes_ml``) are measured from the returned
-        label map (``head_volume_ml`` from the head mask), so they are exact. ``tissue_intensities``
-        are the base intensities before bias field, blur and noise, in the units of the returned image.
-    """
-    if size < 8:
-        raise ValueError(f"size must be at least 8, got {size}")
-    if spacing <= 0:
-        raise ValueError(f"spacing must be positive, got {spacing}")
-    size = int(size)
-    spacing = float(spacing)
-    scale = size * spacing / _REFERENCE_FOV_MM  # anatomy is quoted for a 192 mm field of view
-    voxel_ml = spacing**3 / 1000.0
-    soft_w = 0.3 * spacing  # partial-volume transition width (mm)
 
-    # ---- pose and head shape --------------------------------------------------------------------
-    head_radii = np.array([rng.uniform(60, 72), rng.uniform(72, 85), rng.uniform(66, 80)]) * scale
+@dataclass(frozen=True)
+class _Ventricles:
+    """The two lateral ventricles (mirrored across ``hx = 0``) and the geometry the fissure follows."""
+
+    ry: float
+    rz: float
+    cz: float
+    bend: float
+    vy: np.ndarray
+    d_vent: np.ndarray
+
+
+def _draw_head(rng: np.random.Generator, grid: _Grid) -> _Head:
+    """Head semi-axes, rotation and shift, then scalp, skull and CSF thickness (CSF: between skull and brain)."""
+    scale, spacing = grid.scale, grid.spacing
+    radii = np.array([rng.uniform(60, 72), rng.uniform(72, 85), rng.uniform(66, 80)]) * scale
     rotation_deg = np.array([rng.uniform(-6, 6), rng.uniform(-3, 3), rng.uniform(-3, 3)])
     shift_mm = np.array([rng.uniform(-1.5, 1.5), rng.uniform(-4, 4), rng.uniform(-4, 4)]) * scale
-    rot = _rotation_matrix(rotation_deg)
-
-    coord = ((np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * spacing).astype(np.float32)
-    wx = coord[:, None, None] - np.float32(shift_mm[0])
-    wy = coord[None, :, None] - np.float32(shift_mm[1])
-    wz = coord[None, None, :] - np.float32(shift_mm[2])
-    # head frame: p_head = R^T (p_world - shift)
-    r = rot.astype(np.float32)
-    hx = r[0, 0] * wx + r[1, 0] * wy + r[2, 0] * wz
-    hy = r[0, 1] * wx + r[1, 1] * wy + r[2, 1] * wz
-    hz = r[0, 2] * wx + r[1, 2] * wy + r[2, 2] * wz
-
-    # ---- layers: scalp, skull, CSF, brain ---------------------------------------------------------
+    hx, hy, hz = grid.local_frame(shift_mm, _rotation_matrix(rotation_deg))
     t_scalp = rng.uniform(3.0, 5.0) * scale
     t_skull = max(rng.uniform(3.0, 6.0) * scale, 0.8 * spacing)
     t_csf = rng.uniform(1.5, 3.0) * scale
+    d_head = _ellipsoid_sdist(hx, hy, hz, tuple(radii))
+    brain_offset = t_scalp + t_skull + t_csf
+    return _Head(radii, rotation_deg, shift_mm, hx, hy, hz, t_scalp, t_skull, d_head, d_head + (t_scalp + t_skull),
+                 brain_offset, radii - brain_offset)
+
+
+def _draw_brain(rng: np.random.Generator, grid: _Grid, head: _Head) -> tuple[np.ndarray, np.ndarray]:
+    """Sulcal depth, cortex thickness and white-matter retreat, then the folding pattern: the signed distances to
+    the brain (grey matter) surface and to the white matter."""
+    scale = grid.scale
     sulcus_depth = rng.uniform(7.0, 11.0) * scale
     gm_thick = rng.uniform(5.0, 7.0) * scale  # cortex thickness under the gyral crowns
     wm_retreat = rng.uniform(4.0, 7.0) * scale  # how much deeper the white matter lies under a sulcus
-    d_head = _ellipsoid_sdist(hx, hy, hz, tuple(head_radii))
-    d_skull_in = d_head + (t_scalp + t_skull)
-    brain_offset = t_scalp + t_skull + t_csf
-    brain_radii = head_radii - brain_offset
-
+    hx, hy, hz = head.hx, head.hy, head.hz
     norm = np.sqrt(hx * hx + hy * hy + hz * hz) + np.float32(1e-6)
     folds = _fold_pattern(rng, hx / norm, hy / norm, hz / norm)
     sulci = np.exp(-((folds / 0.45) ** 2))  # 1 on the zero-crossing curves (narrow grooves)
-    d_brain = d_head + brain_offset + sulcus_depth * sulci
+    d_brain = head.d_head + head.brain_offset + sulcus_depth * sulci
     d_wm = np.maximum(
-        d_head + (brain_offset + gm_thick) + wm_retreat * np.exp(-((folds / 1.0) ** 2)),
+        head.d_head + (head.brain_offset + gm_thick) + wm_retreat * np.exp(-((folds / 1.0) ** 2)),
         d_brain + 0.5 * gm_thick,  # grey matter also lines the sulci
     )
+    return d_brain, d_wm
 
-    # ---- ventricles: two ellipsoids mirrored across x_head = 0, arched like lateral ventricles ------
+
+def _draw_ventricles(rng: np.random.Generator, grid: _Grid, head: _Head) -> _Ventricles:
+    """Two ellipsoids mirrored across ``x_head = 0``, arched like lateral ventricles."""
+    scale, spacing, brain_radii = grid.scale, grid.spacing, head.brain_radii
     v_rx = max(rng.uniform(4.0, 6.0) * scale, 0.65 * spacing)
     v_ry = rng.uniform(0.28, 0.36) * brain_radii[1]
     v_rz = max(rng.uniform(0.13, 0.19) * brain_radii[2], 0.65 * spacing)
@@ -267,34 +289,48 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
     v_cy = rng.uniform(-0.05, 0.08) * brain_radii[1]
     v_cz = rng.uniform(0.08, 0.18) * brain_radii[2]
     v_bend = rng.uniform(0.15, 0.35) * v_rz / v_ry**2
-    vy = hy - v_cy
-    vz = hz - v_cz + v_bend * vy * vy
+    vy = head.hy - v_cy
+    vz = head.hz - v_cz + v_bend * vy * vy
     d_vent = np.minimum(
-        _ellipsoid_sdist(hx - v_cx, vy, vz, (v_rx, v_ry, v_rz)),
-        _ellipsoid_sdist(hx + v_cx, vy, vz, (v_rx, v_ry, v_rz)),
+        _ellipsoid_sdist(head.hx - v_cx, vy, vz, (v_rx, v_ry, v_rz)),
+        _ellipsoid_sdist(head.hx + v_cx, vy, vz, (v_rx, v_ry, v_rz)),
     )
-    # ---- inter-hemispheric fissure (mid-sagittal CSF above the corpus callosum) ---------------------
-    fissure_half = max(rng.uniform(1.0, 2.0) * scale, 0.25 * spacing)
+    return _Ventricles(v_ry, v_rz, v_cz, v_bend, vy, d_vent)
+
+
+def _draw_fissure(rng: np.random.Generator, grid: _Grid, head: _Head, vent: _Ventricles,
+                  d_brain: np.ndarray) -> np.ndarray:
+    """Signed distance to the inter-hemispheric fissure (mid-sagittal CSF above the corpus callosum)."""
+    scale = grid.scale
+    fissure_half = max(rng.uniform(1.0, 2.0) * scale, 0.25 * grid.spacing)
     callosum = rng.uniform(5.0, 8.0) * scale
     # the fissure reaches down to the corpus callosum, which arches over the ventricles; in front of and
     # behind the callosum it reaches down to the level of the ventricles
-    callosum_half_length = v_ry * rng.uniform(1.05, 1.25)
+    callosum_half_length = vent.ry * rng.uniform(1.05, 1.25)
+    vy = vent.vy
     fissure_floor = np.maximum(
-        v_cz + v_rz + callosum - v_bend * vy * vy - 2.0 * np.maximum(np.abs(vy) - callosum_half_length, 0.0),
-        v_cz - v_rz,
+        vent.cz + vent.rz + callosum - vent.bend * vy * vy - 2.0 * np.maximum(np.abs(vy) - callosum_half_length, 0.0),
+        vent.cz - vent.rz,
     )
-    in_fissure_band = np.abs(hx) - fissure_half  # signed distance to the mid-sagittal slab
-    d_fissure = np.maximum(in_fissure_band, np.minimum(fissure_floor - hz, -(d_brain + 10.0 * scale)))
+    in_fissure_band = np.abs(head.hx) - fissure_half  # signed distance to the mid-sagittal slab
+    return np.maximum(in_fissure_band, np.minimum(fissure_floor - head.hz, -(d_brain + 10.0 * scale)))
 
-    # ---- hard masks -> labels ---------------------------------------------------------------------
-    head_mask = d_head < 0
-    brain_mask = (d_brain < 0) & (d_skull_in < 0) & (d_fissure >= 0)
-    vent_mask = (d_vent < 0) & (d_skull_in < 0)
-    label = np.zeros((size, size, size), dtype=np.uint8)
+
+def _label_map(grid: _Grid, head: _Head, d_brain: np.ndarray, d_vent: np.ndarray, d_fissure: np.ndarray) -> np.ndarray:
+    """Hard masks -> labels 0 (background), 1 (brain) and 2 (ventricles); no draws."""
+    brain_mask = (d_brain < 0) & (head.d_skull_in < 0) & (d_fissure >= 0)
+    vent_mask = (d_vent < 0) & (head.d_skull_in < 0)
+    label = np.zeros((grid.size,) * 3, dtype=np.uint8)
     label[brain_mask] = 1
     label[vent_mask] = 2
+    return label
 
-    # ---- lesions ----------------------------------------------------------------------------------
+
+def _draw_lesions(rng: np.random.Generator, grid: _Grid, label: np.ndarray, d_brain: np.ndarray, d_vent: np.ndarray,
+                  d_fissure: np.ndarray) -> list[dict[str, Any]]:
+    """0-3 ellipsoidal lesions in the brain, away from the ventricles, the fissure and each other; writes label 3
+    into ``label`` and returns one dict per lesion placed."""
+    scale, spacing, size = grid.scale, grid.spacing, grid.size
     n_lesions_wanted = int(rng.integers(0, 4))
     lesion_min_r = 0.75 * spacing
     lesions: list[dict[str, Any]] = []
@@ -323,14 +359,7 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
         if not placed:
             continue
         # lesion-local coordinates (world frame, rotated by the lesion orientation)
-        lx0 = coord[:, None, None] - np.float32(c_mm[0])
-        ly0 = coord[None, :, None] - np.float32(c_mm[1])
-        lz0 = coord[None, None, :] - np.float32(c_mm[2])
-        o32 = orient.astype(np.float32)
-        lx = o32[0, 0] * lx0 + o32[1, 0] * ly0 + o32[2, 0] * lz0
-        ly = o32[0, 1] * lx0 + o32[1, 1] * ly0 + o32[2, 1] * lz0
-        lz = o32[0, 2] * lx0 + o32[1, 2] * ly0 + o32[2, 2] * lz0
-        d_les = _ellipsoid_sdist(lx, ly, lz, tuple(radii))
+        d_les = _ellipsoid_sdist(*grid.local_frame(c_mm, orient), tuple(radii))
         les_mask = (d_les < 0) & (label == 1)
         if not les_mask.any():  # cannot happen (the centre voxel is brain), kept for safety
             continue
@@ -343,27 +372,36 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
                 "radii_mm": radii,
                 "contrast": contrast,
                 "mask": les_mask,
-                "soft": _soft(d_les, soft_w),
+                "soft": _soft(d_les, grid.soft_width),
             }
         )
+    return lesions
 
-    # ---- intensities ------------------------------------------------------------------------------
-    tissue = {
+
+def _draw_tissue_intensities(rng: np.random.Generator) -> dict[str, float]:
+    """Base intensity of each tissue (before bias field, blur and noise)."""
+    return {
         "scalp": rng.uniform(0.45, 0.60),
         "skull": rng.uniform(0.70, 0.85),
         "csf": rng.uniform(0.04, 0.12),
         "grey_matter": rng.uniform(0.36, 0.46),
         "white_matter": rng.uniform(0.64, 0.76),
     }
-    m_head = _soft(d_head, soft_w)
-    m_skull_out = _soft(d_head + t_scalp, soft_w)
-    m_intracranial = _soft(d_skull_in, soft_w)
+
+
+def _paint_tissues(grid: _Grid, tissue: dict[str, float], head: _Head, d_brain: np.ndarray, d_wm: np.ndarray,
+                   d_fissure: np.ndarray, d_vent: np.ndarray, lesions: list[dict[str, Any]]) -> np.ndarray:
+    """The noise-free image: each tissue painted over the outer ones with partial-volume memberships; no draws."""
+    soft_w = grid.soft_width
+    m_head = _soft(head.d_head, soft_w)
+    m_skull_out = _soft(head.d_head + head.t_scalp, soft_w)
+    m_intracranial = _soft(head.d_skull_in, soft_w)
     m_brain = _soft(d_brain, soft_w) * m_intracranial
     m_wm = _soft(d_wm, soft_w) * m_intracranial
     m_fissure = _soft(d_fissure, soft_w) * m_intracranial
     m_vent = _soft(d_vent, soft_w) * m_intracranial
 
-    image = np.zeros((size, size, size), dtype=np.float32)
+    image = np.zeros((grid.size,) * 3, dtype=np.float32)
     image = _paint(image, m_head, tissue["scalp"])
     image = _paint(image, m_skull_out, tissue["skull"])
     image = _paint(image, m_intracranial, tissue["csf"])
@@ -375,33 +413,44 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
         m_parenchyma = m_brain * (1.0 - m_fissure) * (1.0 - m_vent)
         for les in lesions:
             image = _paint(image, les["soft"] * m_parenchyma, tissue["white_matter"] * les["contrast"])
+    return image
 
-    # slight blur (scanner point-spread), then smooth multiplicative bias field
-    image = _gaussian_blur(image, 0.5)
+
+def _draw_bias_field(rng: np.random.Generator, grid: _Grid, image: np.ndarray,
+                     head_mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """A smooth multiplicative bias field (quadratic polynomial, peak amplitude drawn in the head); returns the
+    image times the field and the amplitude."""
     bias_amp = rng.uniform(0.10, 0.20)
-    half_fov = (size - 1) / 2.0 * spacing
+    half_fov = (grid.size - 1) / 2.0 * grid.spacing
+    coord = grid.coord
     bx, by, bz = coord[:, None, None] / half_fov, coord[None, :, None] / half_fov, coord[None, None, :] / half_fov
     monomials = [bx, by, bz, bx * bx, by * by, bz * bz, bx * by, bx * bz, by * bz]
     coeffs = rng.standard_normal(len(monomials))
     field = sum(np.float32(c) * m for c, m in zip(coeffs, monomials, strict=True))
     field = np.broadcast_to(field, image.shape)
     field_max = float(np.abs(field[head_mask]).max()) if head_mask.any() else 1.0
-    image = image * (1.0 + np.float32(bias_amp / max(field_max, 1e-6)) * field)
+    return image * (1.0 + np.float32(bias_amp / max(field_max, 1e-6)) * field), bias_amp
 
-    # scale the noise-free image to max 1, then Rician noise
-    intensity_scale = float(image.max())
-    image = image / np.float32(intensity_scale)
+
+def _draw_rician_noise(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Rician noise of a drawn sigma: the magnitude of the image plus complex Gaussian noise; returns the noisy
+    float32 image and the sigma."""
     noise_sigma = float(rng.uniform(0.01, 0.03))
     n1 = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(noise_sigma)
     n2 = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(noise_sigma)
-    image = np.sqrt((image + n1) ** 2 + n2**2).astype(np.float32)
+    return np.sqrt((image + n1) ** 2 + n2**2).astype(np.float32), noise_sigma
 
-    # ---- parameters (volumes measured from the label map) ----------------------------------------
+
+def _subject_params(grid: _Grid, head: _Head, head_mask: np.ndarray, label: np.ndarray,
+                    lesions: list[dict[str, Any]], tissue: dict[str, float], intensity_scale: float,
+                    bias_amp: float, noise_sigma: float) -> dict[str, Any]:
+    """The generating parameters, volumes measured from the label map (the head's from ``head_mask``)."""
+
     def ml(count: int | np.integer) -> float:
-        return round(int(count) * voxel_ml, 6)
+        return round(int(count) * grid.voxel_ml, 6)
 
     params: dict[str, Any] = {
-        "head_radii_mm": [round(float(v), 3) for v in head_radii],
+        "head_radii_mm": [round(float(v), 3) for v in head.radii],
         "head_volume_ml": ml(np.count_nonzero(head_mask)),
         "brain_volume_ml": ml(np.count_nonzero(label == 1)),
         "ventricle_volume_ml": ml(np.count_nonzero(label == 2)),
@@ -411,29 +460,58 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
         "lesion_radii_mm": [[round(float(v), 3) for v in les["radii_mm"]] for les in lesions],
         "lesion_contrast": [round(les["contrast"], 4) for les in lesions],
         "tissue_intensities": {k: round(float(v) / intensity_scale, 4) for k, v in tissue.items()},
-        "rotation_deg": [round(float(v), 3) for v in rotation_deg],
-        "shift_mm": [round(float(v), 3) for v in shift_mm],
-        "skull_thickness_mm": round(float(t_skull), 3),
+        "rotation_deg": [round(float(v), 3) for v in head.rotation_deg],
+        "shift_mm": [round(float(v), 3) for v in head.shift_mm],
+        "skull_thickness_mm": round(float(head.t_skull), 3),
         "bias_field_amplitude": round(float(bias_amp), 4),
         "noise_sigma": round(noise_sigma, 5),
     }
-    return image, label, _to_builtin(params)
+    return _to_builtin(params)
+
+
+def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Generate one random head phantom.
+
+    Args:
+        rng: random generator; the result is a deterministic function of its state.
+        size: number of voxels along each axis (the volume is ``size**3``).
+        spacing: isotropic voxel size in mm. Anatomical sizes scale with the field of view
+            ``size * spacing`` relative to 192 mm (64 x 3 mm), but never drop below about a voxel.
+
+    Returns:
+        ``(image, label, params)``: ``image`` float32 ``(size, size, size)`` in (x, y, z) = RAS order,
+        background near 0 and noise-free maximum 1; ``label`` uint8 of the same shape (0 background,
+        1 brain, 2 ventricles, 3 lesion); ``params`` a JSON-serialisable dict of the generating
+        parameters. Volumes (``*_volume_ml``, ``lesion_volumes_ml``) are measured from the returned
+        label map (``head_volume_ml`` from the head mask), so they are exact. ``tissue_intensities``
+        are the base intensities before bias field, blur and noise, in the units of the returned image.
+    """
+    if size < 8:
+        raise ValueError(f"size must be at least 8, got {size}")
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    grid = _Grid.of(int(size), float(spacing))
+    # anatomy, outside in (the order of the draws is part of the data set: keep it)
+    head = _draw_head(rng, grid)
+    d_brain, d_wm = _draw_brain(rng, grid, head)
+    vent = _draw_ventricles(rng, grid, head)
+    d_fissure = _draw_fissure(rng, grid, head, vent, d_brain)
+    head_mask = head.d_head < 0
+    label = _label_map(grid, head, d_brain, vent.d_vent, d_fissure)
+    lesions = _draw_lesions(rng, grid, label, d_brain, vent.d_vent, d_fissure)
+    # intensities, then the scanner: slight blur (point-spread), bias field, scaling to max 1, Rician noise
+    tissue = _draw_tissue_intensities(rng)
+    image = _paint_tissues(grid, tissue, head, d_brain, d_wm, d_fissure, vent.d_vent, lesions)
+    image, bias_amp = _draw_bias_field(rng, grid, _gaussian_blur(image, 0.5), head_mask)
+    intensity_scale = float(image.max())
+    image, noise_sigma = _draw_rician_noise(rng, image / np.float32(intensity_scale))
+    params = _subject_params(grid, head, head_mask, label, lesions, tissue, intensity_scale, bias_amp, noise_sigma)
+    return image, label, params
 
 
 # --------------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------------
-def _save_nifti(array: np.ndarray, affine: np.ndarray, spacing: float, path: str) -> None:
-    """Write ``array`` as NIfTI-1 with scanner-coded qform and sform, atomically."""
-    img = nib.Nifti1Image(array, affine)
-    header = img.header
-    header.set_data_dtype(array.dtype)
-    header.set_zooms((float(spacing),) * 3)
-    header.set_xyzt_units(xyz="mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
-
 
 def _split_sizes(num_subjects: int, num_validation: int, num_test: int) -> tuple[int, int, int]:
     """Return ``(n_train, n_validation, n_test)``, shrinking the held-out splits if no training subject is left.
@@ -516,7 +594,7 @@ def make_demo_dataset(
     output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-    affine = demo_affine(size, spacing)
+    affine = centered_affine((size,) * 3, (spacing,) * 3)  # RAS, volume centre at world (0, 0, 0)
 
     entries = []
     for i in range(num_subjects):
@@ -525,8 +603,8 @@ def make_demo_dataset(
         name = f"demo_{i:03d}"
         image_rel = f"imagesTr/{name}.nii.gz"
         label_rel = f"labelsTr/{name}.nii.gz"
-        _save_nifti(image, affine, spacing, os.path.join(output_dir, image_rel))
-        _save_nifti(label, affine, spacing, os.path.join(output_dir, label_rel))
+        save_nifti(image, affine, os.path.join(output_dir, image_rel), dtype=None)  # float32
+        save_nifti(label, affine, os.path.join(output_dir, label_rel), dtype=None)  # uint8
         entries.append({"image": image_rel, "label": label_rel, "subject": name, "params": params})
 
     datalist = {

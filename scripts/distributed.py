@@ -1,4 +1,4 @@
-"""Distributed data-parallel training under ``torchrun``: rank facts, process group, DDP wrapping, lr scaling.
+"""Distributed data-parallel training under ``torchrun``: rank facts, process group, DDP (un)wrapping, lr scaling.
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` before our code runs, so every function here can
 answer from the environment before the process group exists (config expressions are evaluated lazily, some before
@@ -30,6 +30,7 @@ __all__ = [
     "print_main",
     "rank",
     "scaled_lr",
+    "unwrap",
     "world_size",
     "wrap_ddp",
 ]
@@ -111,6 +112,13 @@ def wrap_ddp(network: nn.Module, device: torch.device | str, find_unused_paramet
     return nn.parallel.DistributedDataParallel(
         network.to(device), device_ids=device_ids, find_unused_parameters=find_unused_parameters
     )
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The bare network inside a ``DistributedDataParallel``/``DataParallel``/compiled wrapper."""
+    while hasattr(network, "module") and isinstance(network.module, nn.Module):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
 
 
 def scaled_lr(base_learning_rate: float, batch_size: int, accumulation_steps: int = 1, scale: bool = True,

@@ -23,8 +23,7 @@ from monai.engines.utils import PrepareBatch
 from torch import nn
 
 from scripts.autoencoders import adapt
-from scripts.distributed import is_main_rank
-from scripts.networks import unwrap
+from scripts.distributed import is_main_rank, unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
 __all__ = [

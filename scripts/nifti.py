@@ -1,4 +1,5 @@
-"""NIfTI writing with a correct affine (qform and sform), atomically."""
+"""NIfTI writing with a correct affine (qform and sform), atomically: generated volumes, reconstructions and the
+demo data."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 from scripts.storage import atomic_write
 
@@ -26,15 +28,29 @@ def centered_affine(shape: Sequence[int], spacing: Sequence[float], orientation:
     return affine
 
 
-def save_nifti(volume: torch.Tensor | np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a ``(X, Y, Z)`` or ``(1, X, Y, Z)`` volume as float32 NIfTI with ``affine``, atomically."""
+def save_nifti(volume: torch.Tensor | np.ndarray, affine: np.ndarray, path: str | Path,
+               dtype: DTypeLike | None = np.float32) -> Path:
+    """Write a ``(X, Y, Z)`` or ``(1, X, Y, Z)`` volume as NIfTI-1 with ``affine`` as scanner-coded qform and sform
+    (lengths in mm), atomically.
+
+    Args:
+        volume: image-space volume (a tensor is written as float32 before ``dtype`` applies).
+        affine: 4x4 voxel-to-world (mm) matrix, e.g. :func:`centered_affine`.
+        path: destination (``.nii`` or ``.nii.gz``).
+        dtype: stored data type; ``None`` keeps the array's own (the demo data's uint8 label maps).
+
+    Returns:
+        The destination path.
+    """
     import nibabel as nib
 
     data = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    data = data.astype(np.float32)
+    if dtype is not None:
+        data = data.astype(dtype)
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units(xyz="mm")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(img, tmp))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from scripts.networks import latent_spatial_shape
+from scripts.autoencoders import latent_spatial_shape
 from scripts.storage import file_sha256, load_checkpoint
 
 __all__ = [

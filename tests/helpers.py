@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,11 +31,38 @@ TINY = {
     "num_workers": 0,
 }
 
-
 TRAIN_ONLY = ("train_patch_size",)
 GENERATION_ONLY_LACKS = ("train_patch_size", "num_workers")
 TINY_DIFFUSION = {"diffusion_channels": [8, 16, 16], "diffusion_norm_num_groups": 4,
                   "diffusion_num_head_channels": [0, 0, 8]}
+
+# two-level networks for unit tests on 16^3 images (latents 2 x 8^3): config overrides of autoencoder_def/network_def
+TWO_LEVEL_AUTOENCODER = {"autoencoder_channels": [4, 4], "latent_channels": 2, "autoencoder_norm_num_groups": 2,
+                         "autoencoder_def#attention_levels": [False, False]}
+TWO_LEVEL_UNET = {"latent_channels": 2, "diffusion_channels": [8, 8], "diffusion_attention_levels": [False, False],
+                  "diffusion_num_head_channels": 8, "diffusion_norm_num_groups": 4}
+
+
+def config_network(net_id: str, overrides: Mapping[str, Any] | None = None,
+                   configs: Sequence[str] = ("configs/common.json",), seed: int | None = None) -> Any:
+    """A new ``net_id`` (``autoencoder_def``, ``network_def``, ``discriminator_def``) as the bundle's configs define it,
+    so that a test builds the very network the workflows build.
+
+    Args:
+        net_id: the config id of the network definition.
+        overrides: top-level ids or ``#`` paths, e.g. :data:`TINY` or ``{"autoencoder_def#attention_levels": [...]}``.
+        configs: config files, relative to the bundle root, merged left to right (``configs/vqvae.json`` after
+            ``configs/common.json`` for the VQ-VAE).
+        seed: ``torch.manual_seed`` just before the network is built, for reproducible initial weights.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files([str(ROOT / c) for c in configs]))
+    parser.update(dict(overrides or {}))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return parser.get_parsed_content(net_id)
 
 
 def overrides_for(tmp: Path, infer: bool = False, generate: bool = False, stage2: bool = False, **extra) -> dict:

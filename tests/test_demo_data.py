@@ -18,11 +18,11 @@ if str(REPO_ROOT) not in sys.path:  # allow plain `pytest` as well as `python -m
 
 from scripts.demo_data import (  # noqa: E402 (after the sys.path fallback above)
     GENERATOR_VERSION,
-    demo_affine,
     ensure_demo_data,
     make_demo_dataset,
     make_subject,
 )
+from scripts.nifti import centered_affine  # noqa: E402
 
 SIZE = 32
 SPACING = 3.0
@@ -106,7 +106,7 @@ def test_files_affine_and_spacing(dataset: tuple[Path, dict]) -> None:
     out, datalist = dataset
     entry = datalist["training"][0]
     expected = _expected_affine()
-    np.testing.assert_allclose(demo_affine(SIZE, SPACING), expected)
+    np.testing.assert_allclose(centered_affine((SIZE,) * 3, (SPACING,) * 3), expected)  # the demo's affine
     for key, dtype in (("image", np.float32), ("label", np.uint8)):
         img = nib.load(out / entry[key])
         assert img.shape == (SIZE,) * 3

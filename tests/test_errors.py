@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scripts.demo_data import make_demo_dataset
-from tests.helpers import overrides_for, run_bundle
+from tests.helpers import TINY, TWO_LEVEL_AUTOENCODER, config_network, overrides_for, run_bundle
 
 TRAIN = "configs/train_autoencoder.json"
 INFER = "configs/inference_autoencoder.json"
@@ -85,11 +85,7 @@ def test_missing_checkpoint_for_reconstruction(tmp_path):
 
 
 def test_mismatched_checkpoint_for_reconstruction(tmp_path):
-    from monai.networks.nets import AutoencoderKL
-
-    other = AutoencoderKL(spatial_dims=3, channels=(8, 16, 16), latent_channels=4, num_res_blocks=1, norm_num_groups=4,
-                          attention_levels=(False, False, False), with_encoder_nonlocal_attn=False,
-                          with_decoder_nonlocal_attn=False, include_fc=False)
+    other = config_network("autoencoder_def", {**TINY, "autoencoder_channels": [8, 16, 16]})  # another size
     (tmp_path / "models").mkdir()
     torch.save(other.state_dict(), tmp_path / "models" / "model_autoencoder.pt")
     proc = run_bundle(INFER, overrides_for(tmp_path, infer=True), check=False)
@@ -100,16 +96,12 @@ def test_mismatched_checkpoint_for_reconstruction(tmp_path):
 def test_non_finite_loss_stops_with_epoch_iteration_and_term(tmp_path):
     """A loss that turns infinite in epoch 2 stops the run; the epoch-1 checkpoint stays intact and loadable."""
     from ignite.engine import Events
-    from monai.networks.nets import AutoencoderKL
 
     from scripts.engines import AutoencoderTrainer, NonFiniteLossError
     from scripts.handlers import TrainingCheckpoint
     from scripts.losses import AutoencoderLoss
 
-    torch.manual_seed(0)
-    ae = AutoencoderKL(spatial_dims=3, channels=(4, 4), latent_channels=2, num_res_blocks=1, norm_num_groups=2,
-                       attention_levels=(False, False), with_encoder_nonlocal_attn=False,
-                       with_decoder_nonlocal_attn=False, include_fc=False)
+    ae = config_network("autoencoder_def", TWO_LEVEL_AUTOENCODER, seed=0)
     opt = torch.optim.Adam(ae.parameters(), 1e-3)
     loss = AutoencoderLoss(kl_weight=1e-6)
     data = [{"image": torch.rand(1, 1, 16, 16, 16)} for _ in range(3)]

@@ -56,6 +56,16 @@ def test_precision_recall_known_answers():
     assert precision_recall(two_modes, real[:16].clone()) == (1.0, 0.5)
 
 
+def test_wasserstein_1d_is_exact_for_samples_of_different_sizes():
+    """W1 = integral of |F_a - F_b|. a = {0, 1}, b = {0, 0, 3}: F_a = 1/2, F_b = 2/3 on [0, 1); F_a = 1, F_b = 2/3 on
+    [1, 3): 1 x 1/6 + 2 x 1/3 = 5/6 (a mean gap between interpolated quantiles would give 0.55)."""
+    assert wasserstein_1d([0.0, 1.0], [0.0, 0.0, 3.0]) == pytest.approx(5 / 6, abs=1e-12)
+    assert wasserstein_1d([0.0, 0.0, 3.0], [1.0, 0.0]) == pytest.approx(5 / 6, abs=1e-12)  # symmetric, any order
+    assert wasserstein_1d([2.0], [2.0, 2.0, 2.0]) == 0.0
+    with pytest.raises(ValueError, match="empty"):
+        wasserstein_1d([], [1.0])
+
+
 def test_histogram_wasserstein_and_diversity_known_answers():
     assert wasserstein_1d([0.0, 1.0], [2.0, 3.0]) == pytest.approx(2.0)
     vols = _volumes(3)

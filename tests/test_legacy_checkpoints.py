@@ -10,9 +10,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.networks import load_weights
 from scripts.schedulers import make_scheduler
-from tests.helpers import ROOT, TINY, TINY_DIFFUSION, overrides_for, run_bundle
+from scripts.weights import load_weights
+from tests.helpers import ROOT, TINY, TINY_DIFFUSION, config_network, overrides_for, run_bundle
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # monai-generative's deprecated torch.cuda.amp decorators
@@ -92,7 +92,7 @@ def test_brats_reference_weights_load_with_brats_overlay(tmp_path, monkeypatch):
     wf = ConfigWorkflow(config_file=["configs/inference.json", "configs/brats.json"], workflow_type="infer",
                         meta_file="configs/metadata.json", logging_file=False, model_dir=str(models),
                         output_dir=str(tmp_path / "outputs"), use_ema=False, scale_factor=1.0)
-    wf.initialize()  # loads both files through scripts.networks.load_weights, as generation does
+    wf.initialize()  # loads both files through scripts.weights.load_weights, as generation does
     new_ae, new_unet = wf.parser.get_parsed_content("autoencoder"), wf.parser.get_parsed_content("diffusion")
     z, t = torch.randn(1, 8, 4, 4, 4), torch.tensor([500])
     with torch.no_grad():
@@ -101,11 +101,7 @@ def test_brats_reference_weights_load_with_brats_overlay(tmp_path, monkeypatch):
 
 
 def test_missing_or_foreign_weights_fail_with_one_clear_line(tmp_path):
-    from monai.networks.nets import DiffusionModelUNet
-
-    net = DiffusionModelUNet(spatial_dims=3, in_channels=4, out_channels=4, channels=[8, 16, 16],
-                             attention_levels=[False, False, True], num_head_channels=[0, 0, 8], num_res_blocks=1,
-                             norm_num_groups=4, include_fc=False)
+    net = config_network("network_def", TINY_DIFFUSION)
     with pytest.raises(FileNotFoundError) as missing:
         load_weights(net, str(tmp_path / "model_ema.pt"), what="diffusion model")
     message = str(missing.value)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scripts.storage import file_sha256
-from tests.helpers import overrides_for, run_bundle
+from tests.helpers import config_network, overrides_for, run_bundle
 
 STAGE1 = "configs/train_autoencoder.json"
 STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
@@ -155,8 +155,6 @@ def test_generation_rejects_inconsistent_image_size(trained):
 
 def test_ckpt_export_unet_and_decoder_match_eager(trained):
     """`monai.bundle ckpt_export` traces the UNet (timestep in the last channel) and the decoder path."""
-    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-
     tmp, _, _ = trained
     models = tmp / "models"
     ov = overrides_for(tmp, generate=True)
@@ -166,9 +164,7 @@ def test_ckpt_export_unet_and_decoder_match_eager(trained):
     run_bundle(GENERATE, {**ov, "net_id": "export_decoder_def", "filepath": str(tmp / "decoder.ts"), "use_trace": True,
                           "input_shape": [1, 4, 8, 8, 8], "ckpt_file": str(models / "model_autoencoder.pt"),
                           "meta_file": "configs/metadata.json"}, subcommand="ckpt_export")
-    unet = DiffusionModelUNet(spatial_dims=3, in_channels=4, out_channels=4, channels=[8, 16, 16],
-                              attention_levels=[False, False, True], num_head_channels=[0, 0, 8], num_res_blocks=1,
-                              norm_num_groups=4, include_fc=False).eval()
+    unet = config_network("network_def", ov).eval()  # the networks the workflows built, with the same overrides
     unet.load_state_dict(torch.load(models / "model_ema.pt", weights_only=True))
     ts_unet = torch.jit.load(str(tmp / "unet.ts"))
     x, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([7, 640])
@@ -176,9 +172,7 @@ def test_ckpt_export_unet_and_decoder_match_eager(trained):
     with torch.no_grad():
         torch.testing.assert_close(ts_unet(packed), unet(x, timesteps=t), atol=1e-4, rtol=1e-4)
 
-    ae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, channels=[8, 8, 8],
-                       num_res_blocks=1, norm_num_groups=4, attention_levels=[False, False, False],
-                       with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False).eval()
+    ae = config_network("autoencoder_def", ov).eval()
     ae.load_state_dict(torch.load(models / "model_autoencoder.pt", weights_only=True))
     scale = json.loads((models / "model_record.json").read_text())["scale_factor"]
     z = torch.randn(1, 4, 8, 8, 8)

@@ -14,6 +14,7 @@ from monai.networks.schedulers import (
 )
 from torch import nn
 
+from scripts.autoencoders import latent_spatial_shape
 from scripts.diffusion import LatentDiffusionPrepareBatch
 from scripts.engines import LatentDiffusionTrainer
 from scripts.engines.base import AutocastInferer
@@ -21,23 +22,19 @@ from scripts.generation import generate
 from scripts.handlers import EMA, EMAUpdate
 from scripts.handlers.ema import NUM_UPDATES_KEY
 from scripts.latents import PrepareLatents, cache_key, estimate_scale_factor
-from scripts.networks import latent_spatial_shape
 from scripts.sampling import LatentDiffusionPipeline, decode_latents, initial_noise, sample_latents
 from scripts.schedulers import check_sampler
+from tests.helpers import TWO_LEVEL_AUTOENCODER, TWO_LEVEL_UNET, config_network
 
 
 def tiny_autoencoder() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(spatial_dims=3, channels=(4, 4), latent_channels=2, num_res_blocks=1, norm_num_groups=2,
-                         attention_levels=(False, False), with_encoder_nonlocal_attn=False,
-                         with_decoder_nonlocal_attn=False, include_fc=False).eval()
+    """``autoencoder_def`` with two levels of 4 channels and 2 latent channels (seed 0)."""
+    return config_network("autoencoder_def", TWO_LEVEL_AUTOENCODER, seed=0).eval()
 
 
 def tiny_unet() -> DiffusionModelUNet:
-    torch.manual_seed(1)
-    return DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 8),
-                              attention_levels=(False, False), num_res_blocks=1, norm_num_groups=4,
-                              num_head_channels=8).eval()
+    """``network_def`` with two levels of 8 channels on the 2 latent channels of :func:`tiny_autoencoder` (seed 1)."""
+    return config_network("network_def", TWO_LEVEL_UNET, seed=1).eval()
 
 
 def test_cached_latents_give_the_same_loss_as_on_the_fly_encoding():

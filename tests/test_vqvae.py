@@ -9,18 +9,20 @@ import nibabel as nib
 import pytest
 import torch
 from ignite.engine import Engine
-from monai.networks.nets import VQVAE, AutoencoderKL
+from monai.networks.nets import VQVAE
 from monai.utils import set_determinism
 
-from scripts.autoencoders import KLAutoencoderAdapter, VQAutoencoderAdapter, adapt
-from scripts.handlers import CodebookUsage
-from scripts.losses import AutoencoderLoss
-from scripts.networks import (
-    AutoencoderReconstruction,
+from scripts.autoencoders import (
+    KLAutoencoderAdapter,
+    VQAutoencoderAdapter,
+    adapt,
     check_spatial_size,
     downsample_factor,
 )
-from tests.helpers import overrides_for, run_bundle
+from scripts.handlers import CodebookUsage
+from scripts.losses import AutoencoderLoss
+from scripts.networks import AutoencoderReconstruction
+from tests.helpers import TINY, config_network, overrides_for, run_bundle
 
 VQ_TRAIN = ["configs/train_autoencoder.json", "configs/vqvae.json"]
 VQ_RECON = ["configs/inference_autoencoder.json", "configs/vqvae.json"]
@@ -31,10 +33,9 @@ CODEBOOK = "quantizer.quantizer.embedding.weight"  # state-dict key of the VQVAE
 
 
 def tiny_vqvae(levels: int = 2, num_embeddings: int = 16) -> VQVAE:
-    return VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=[8] * levels, num_res_channels=8,
-                 num_res_layers=1, downsample_parameters=[[2, 4, 1, 1]] * levels,
-                 upsample_parameters=[[2, 4, 1, 1, 0]] * levels, num_embeddings=num_embeddings, embedding_dim=4,
-                 decay=0.99)
+    """The VQVAE of configs/vqvae.json with 8 channels per level (embedding size: latent_channels, 4)."""
+    return config_network("autoencoder_def", {"vq_channels": [8] * levels, "vq_num_embeddings": num_embeddings},
+                          configs=("configs/common.json", "configs/vqvae.json"))
 
 
 def _is_codebook_vector(latent: torch.Tensor, codebook: torch.Tensor) -> bool:
@@ -46,9 +47,7 @@ def _is_codebook_vector(latent: torch.Tensor, codebook: torch.Tensor) -> bool:
 def test_one_adapter_interface_for_kl_and_vq_autoencoders():
     set_determinism(0)
     x = torch.rand(2, 1, 16, 16, 16)
-    kl = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, channels=[8, 8, 8],
-                       num_res_blocks=1, norm_num_groups=4, attention_levels=[False] * 3,
-                       with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False)
+    kl = config_network("autoencoder_def", TINY)  # the AutoencoderKL of configs/common.json, tiny
     vq = tiny_vqvae()
     assert isinstance(adapt(kl), KLAutoencoderAdapter) and isinstance(adapt(vq), VQAutoencoderAdapter)
     loss = AutoencoderLoss(kl_weight=0.5, quantization_weight=2.0)

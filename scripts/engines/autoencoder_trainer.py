@@ -13,9 +13,9 @@ from torch.optim import Optimizer
 
 from scripts.autoencoders import adapt
 from scripts.data import PrepareImage, image_from_batch
+from scripts.distributed import unwrap
 from scripts.engines.base import GenerativeTrainer, OptimizerStep
 from scripts.losses import AutoencoderLoss
-from scripts.networks import unwrap
 
 __all__ = ["AutoencoderTrainer"]
 

@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["QUANTITIES", "SegmentationSettings", "estimate_quantities", "recorded_quantities", "segment",
-           "settings_dict", "wasserstein_1d"]
+           "settings_dict"]
 
 #: estimated quantity -> how to read it from a demo datalist entry's ``params``
 QUANTITIES = ("head_volume_ml", "brain_volume_ml", "ventricle_volume_ml", "lesion_volume_ml", "lesion_count")
@@ -305,13 +305,6 @@ def recorded_quantities(params: Mapping) -> dict[str, float]:
         "lesion_volume_ml": float(sum(params.get("lesion_volumes_ml", []))),
         "lesion_count": float(params["lesion_count"]),
     }
-
-
-def wasserstein_1d(a: Sequence[float], b: Sequence[float]) -> float:
-    """Wasserstein-1 (earth mover's) distance between two 1-D empirical distributions, in the values' units."""
-    from scipy.stats import wasserstein_distance
-
-    return float(wasserstein_distance(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
 
 
 def settings_dict(settings: SegmentationSettings | None = None) -> dict:

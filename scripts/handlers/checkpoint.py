@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.distributed import any_rank, is_main_rank
-from scripts.networks import unwrap
+from scripts.distributed import any_rank, is_main_rank, unwrap
 from scripts.records import RECORD_FILENAME
 from scripts.storage import atomic_save, atomic_write_json, file_sha256, load_checkpoint
 

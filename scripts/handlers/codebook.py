@@ -12,7 +12,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from scripts.autoencoders import is_vector_quantized
-from scripts.networks import unwrap
+from scripts.distributed import unwrap
 
 __all__ = ["CodebookUsage", "usage_perplexity"]
 

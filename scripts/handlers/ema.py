@@ -10,7 +10,7 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from scripts.networks import unwrap
+from scripts.distributed import unwrap
 
 __all__ = ["EMA", "EMAUpdate", "NUM_UPDATES_KEY"]
 
