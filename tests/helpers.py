@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.forked_python import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_NAME = "meta_schema_20240725.json"
 
@@ -95,7 +97,10 @@ def run_bundle(config_files: str | list[str], overrides: dict, check: bool = Tru
     for k, v in overrides.items():
         cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if launcher is None:  # forked from a pre-imported server: the same command without Python's start-up
+        proc = run_python(cmd[1:], cwd=cwd, timeout=timeout, env=env)
+    else:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.properties import InferProperties, MetaProperties, TrainProperties
 from monai.bundle.reference_resolver import ReferenceResolver
 
+from tests.forked_python import run_python
 from tests.helpers import ROOT, fake_brats, metadata_schema, overrides_for
 
 WORKFLOWS = ["configs/train_autoencoder.json", "configs/inference_autoencoder.json"]
@@ -55,8 +54,7 @@ def _bundle_root(monkeypatch):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    return run_python(["-m", "monai.bundle", *args], cwd=ROOT)
 
 
 def test_metadata_verifies_against_schema():

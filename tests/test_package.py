@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
 from monai.bundle import ConfigParser
 
 from scripts.package import INCLUDED, PackageError, bundle_name, package
+from tests.forked_python import run_python
 from tests.helpers import ROOT, TINY, TINY_DIFFUSION, run_bundle
 
 METADATA = json.loads((ROOT / "configs" / "metadata.json").read_text())
@@ -20,8 +19,7 @@ NAME, VERSION = bundle_name(METADATA), METADATA["version"]
 
 
 def _package_cli(*args):
-    return subprocess.run([sys.executable, "-m", "scripts.package", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    return run_python(["-m", "scripts.package", *args], cwd=ROOT)
 
 
 def _last_line(proc):
