@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         for v in volumes:
             x = v if sigma is None else np.clip(ndimage.gaussian_filter(v, (0, sigma, sigma, sigma)), 0, 1)
             estimated.append(known_truth.estimate_quantities(x, spacing))
-        row = {}
-        for q in known_truth.QUANTITIES[:-1]:
-            pairs = [(e[q], r[q]) for e, r in zip(estimated, recorded, strict=True) if r[q] > 0]
-            row[q] = float(np.mean([abs(a - b) / b for a, b in pairs])) if pairs else float("nan")
-        row["lesion_count_exact"] = float(np.mean([e["lesion_count"] == r["lesion_count"]
-                                                   for e, r in zip(estimated, recorded, strict=True)]))
+        row = known_truth.accuracy(estimated, recorded)
         results[name] = row
         print(f"seed {args.seed}, {len(volumes)} subjects, {name:9s}: "
               + ", ".join(f"{q.replace('_volume_ml', '')} {100 * row[q]:.2f} %" for q in known_truth.QUANTITIES[:-1])

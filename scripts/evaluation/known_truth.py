@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["QUANTITIES", "SegmentationSettings", "estimate_quantities", "recorded_quantities", "segment",
+__all__ = ["QUANTITIES", "SegmentationSettings", "accuracy", "estimate_quantities", "recorded_quantities", "segment",
            "settings_dict"]
 
 #: estimated quantity -> how to read it from a demo datalist entry's ``params``
@@ -305,6 +305,19 @@ def recorded_quantities(params: Mapping) -> dict[str, float]:
         "lesion_volume_ml": float(sum(params.get("lesion_volumes_ml", []))),
         "lesion_count": float(params["lesion_count"]),
     }
+
+
+def accuracy(estimated: Sequence[Mapping[str, float]], recorded: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """How well estimates recover the recorded quantities: the mean relative error of each volume (over subjects
+    whose recorded value is positive; NaN when none is) and ``lesion_count_exact``, the fraction of subjects whose
+    lesion count is exactly right."""
+    pairs = list(zip(estimated, recorded, strict=True))
+    out = {}
+    for q in QUANTITIES[:-1]:
+        errors = [abs(e[q] - r[q]) / r[q] for e, r in pairs if r[q] > 0]
+        out[q] = float(np.mean(errors)) if errors else float("nan")
+    out["lesion_count_exact"] = float(np.mean([e["lesion_count"] == r["lesion_count"] for e, r in pairs]))
+    return out
 
 
 def settings_dict(settings: SegmentationSettings | None = None) -> dict:
