@@ -49,14 +49,21 @@ def merged_config() -> dict[str, Any] | None:
 
 
 def write_provenance(run_dir: str | Path, inputs: Mapping[str, str | None] | None = None,
-                     seed: int | None = None) -> Path:
+                     seed: int | None = None) -> Path | None:
     """Write ``config.json`` and ``provenance.json`` into ``run_dir`` (atomically); returns the provenance path.
+
+    On ranks other than 0 of a ``torchrun`` job nothing is written (their ``run_dir`` is never created, see
+    :func:`scripts.storage.new_run_dir`) and ``None`` is returned.
 
     Args:
         run_dir: the run's output folder.
         inputs: name -> weight file the run reads (hashed when it exists; e.g. the frozen autoencoder of stage 2).
         seed: the run's seed.
     """
+    from scripts.distributed import is_main_rank
+
+    if not is_main_rank():
+        return None
     run_dir = Path(run_dir)
     config = merged_config()
     if config is not None:
