@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+COMMON = "configs/common.json"  # the shared definitions, merged first by every workflow
 
 #: the demo recipe's quality targets: name -> (what, threshold); checked by :func:`check_targets`
 TARGETS = {
@@ -47,8 +48,9 @@ DERIVED = (" (floor)", " (real)", " (real reference)")  # suffixes of the compar
 TRUTH = ("head_volume_ml", "brain_volume_ml", "ventricle_volume_ml", "lesion_count")
 
 
-def run_workflow(config_file: str | list[str], minutes: float | None = None, **overrides: Any) -> None:
-    """One bundle workflow in this process; with ``minutes``, training stops (with its checkpoint) at that time."""
+def run_workflow(config_file: list[str], minutes: float | None = None, **overrides: Any) -> None:
+    """One bundle workflow in this process (``config_file``: :data:`COMMON` first, then the workflow config); with
+    ``minutes``, training stops (with its checkpoint) at that time."""
     from ignite.engine import Events
     from ignite.handlers import TimeLimit
     from monai.bundle import ConfigWorkflow
@@ -205,17 +207,17 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copyfile(args.autoencoder, work / "models" / "model_autoencoder.pt")
     else:
         stage1_overrides = {"max_epochs": args.stage1_epochs} if args.stage1_epochs else {}
-        run_workflow("configs/train_autoencoder.json", args.stage1_minutes, seed=args.seed,
+        run_workflow([COMMON, "configs/train_autoencoder.json"], args.stage1_minutes, seed=args.seed,
                      **stage1_overrides, **common)
     stage1_minutes = (time.time() - t) / 60
-    run_workflow("configs/inference_autoencoder.json", **common)
+    run_workflow([COMMON, "configs/inference_autoencoder.json"], **common)
     summary = json.loads((newest(outputs, "reconstruction") / "summary.json").read_text())
     stage1 = {"minutes": stage1_minutes, "psnr": summary["psnr"]["mean"], "ssim": summary["ssim"]["mean"],
               "ms_ssim": summary["ms_ssim"]["mean"]}
     print(f"stage 1: {stage1_minutes:.1f} min; test PSNR {stage1['psnr']:.2f} dB, MS-SSIM {stage1['ms_ssim']:.4f}")
 
     budgets = [float(b) for b in args.stage2_budgets.split(",") if b.strip()] or [0.0]
-    stage2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
+    stage2 = [COMMON, "configs/train_diffusion.json"]
     curve: list[dict[str, Any]] = []
     trained = 0.0
     for k, budget in enumerate(budgets):
@@ -224,9 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
                      seed=args.seed, latent_cache_dir=str(work / "cache"), resume=k > 0, **common)
         trained += (time.time() - t) / 60
         t = time.time()
-        run_workflow("configs/inference.json", num_samples=args.num_samples, seed=args.seed, **common)
+        run_workflow([COMMON, "configs/inference.json"], num_samples=args.num_samples, seed=args.seed, **common)
         generation_minutes = (time.time() - t) / 60
-        run_workflow("configs/evaluate.json", generated_dir=str(newest(outputs, "generated")), **common)
+        run_workflow([COMMON, "configs/evaluate.json"], generated_dir=str(newest(outputs, "generated")), **common)
         evaluation = json.loads((newest(outputs, "evaluation") / "metrics.json").read_text())
         row = quality_row(evaluation)
         point = {"stage2_minutes": round(trained, 2), "generation_minutes": round(generation_minutes, 2),

@@ -10,6 +10,10 @@ names the key and the closest existing ones.
 boolean receives a boolean. ``check_overrides`` applies it to the running workflow (every workflow's first
 ``initialize`` step), and ``main.py`` (:mod:`scripts.launch`) to its ``key=value`` overrides, so no config
 consumer ever sees the text.
+
+Every workflow config is merged after ``configs/common.json``, which holds the shared definitions.
+:func:`check_layering` (also run by ``check_overrides``) turns a workflow started without it, or with it merged
+later, into one line that names the fix instead of a MONAI reference error deep in the config.
 """
 
 from __future__ import annotations
@@ -17,13 +21,21 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import re
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.reference_resolver import ReferenceResolver
 
-__all__ = ["BOOLEAN_WORDS", "REFUSED", "as_bool", "check_overrides", "find_unknown_keys", "typed_overrides"]
+__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_layering", "check_overrides", "find_unknown_keys",
+           "typed_overrides"]
+
+#: the shared definitions, merged first by every workflow (relative to the bundle root, as the commands name it)
+COMMON = "configs/common.json"
+COMMON_PATH = Path(__file__).resolve().parents[1] / COMMON
 
 # arguments of `monai.bundle run` itself, never config keys
 RUN_ARGUMENTS = {
@@ -130,6 +142,56 @@ def find_unknown_keys(config_files: Sequence[str], keys: Sequence[str]) -> list[
     return [(k, difflib.get_close_matches(k, known, n=3, cutoff=0.6)) for k in keys if not _exists(merged, k)]
 
 
+def _config_list(files: Sequence[str]) -> str:
+    """``files`` as a ``--config_file`` value: the list form that ``monai.bundle run`` accepts."""
+    return '"[' + ",".join(f"'{f}'" for f in files) + ']"'
+
+
+def _referenced_ids(config: Mapping[str, Any]) -> set[str]:
+    """Top-level ids that ``config`` (its metadata excepted) references with ``@``."""
+    def strings(node: Any):
+        if isinstance(node, Mapping):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    return {re.split(r"::|#", ref)[0] for key, value in config.items() if key != "_meta_"
+            for s in strings(value) for ref in ReferenceResolver.match_refs_pattern(s)}
+
+
+def check_layering(config: Mapping[str, Any], files: Sequence[str] = ()) -> None:
+    """Fail with one line when the workflow is not merged after ``configs/common.json``.
+
+    Args:
+        config: the merged config of the workflow (macros resolved or not).
+        files: its config files in merge order, when known (the ``monai.bundle run`` command line); used to
+            check that ``common.json`` comes first and to print the command with the fix.
+
+    Raises:
+        ValueError: ``common.json`` is merged after another file, or ``config`` references shared ids that only
+            ``common.json`` defines; the message names the ``--config_file`` value that fixes it.
+    """
+    files = [str(f) for f in files]
+    commons = [f for f in files if Path(f).name == COMMON_PATH.name]
+    others = [f for f in files if f not in commons]
+    fixed = _config_list([commons[0] if commons else COMMON, *others]) if files else None
+    if commons and files[0] != commons[0]:
+        raise ValueError(f"{COMMON} is merged first, before the workflow config and overlays: --config_file {fixed} "
+                         f"({COMMON} holds the shared definitions).")
+    shared = set(ConfigParser.load_config_file(str(COMMON_PATH)))
+    missing = sorted((_referenced_ids(config) - set(config)) & shared)
+    if missing:
+        workflow = " and ".join(others) if files else "the workflow config"
+        fix = f"--config_file {fixed}" if files else f"config_file=['{COMMON}', <workflow config>, <overlays>]"
+        what = f"'{missing[0]}'" + (f" and {len(missing) - 1} more shared ids" if len(missing) > 1 else "")
+        raise ValueError(f"{workflow} {'are' if len(others) > 1 else 'is'} merged after {COMMON}: {fix} "
+                         f"({COMMON} defines {what} that the workflow reads).")
+
+
 def _default(config: Any, key: str, depth: int = 0) -> Any:
     """The value ``key`` has in ``config`` (macros resolved), following plain ``@id`` references."""
     node = config
@@ -150,8 +212,8 @@ def typed_overrides(config_files: Sequence[str], overrides: Mapping[str, Any]) -
     boolean (``'false'`` -> ``False``, by :func:`as_bool`); expressions (``$...``, ``@id``) and every other value
     pass unchanged.
 
-    Keys that do not exist are left to :func:`find_unknown_keys`. Run from the bundle root (the configs'
-    ``%configs/common.json#...`` macros resolve from there).
+    Keys that do not exist are left to :func:`find_unknown_keys`. Run from the bundle root (the config paths and
+    the few remaining macros, e.g. ``inference.json#recipe``, resolve from there).
 
     Raises:
         ValueError: a key of :data:`REFUSED` (computed by the workflow), or a boolean key given another text;
@@ -212,17 +274,25 @@ def check_overrides(argv: Sequence[str] | None = None) -> bool:
     """Check and type the command-line overrides of a ``monai.bundle run``; the first ``initialize`` step of
     every workflow.
 
-    Fails on an override key that no config file defines, or one of :data:`REFUSED`; types the values by
-    :func:`typed_overrides` and writes the typed values into the running workflow's config, so ``--amp false``
-    is ``False`` for every consumer. Reads ``sys.argv`` by default; does nothing when the process was not started
-    by ``monai.bundle run`` (e.g. the Python API, where overrides are typed keyword arguments).
+    Fails first when the workflow is not merged after ``configs/common.json`` (:func:`check_layering`, also
+    outside ``monai.bundle run``), then on an override key that no config file defines, or one of :data:`REFUSED`;
+    types the values by :func:`typed_overrides` and writes the typed values into the running workflow's config, so
+    ``--amp false`` is ``False`` for every consumer. Reads ``sys.argv`` by default; checks no override when the
+    process was not started by ``monai.bundle run`` (e.g. the Python API, where overrides are typed keyword
+    arguments).
 
     Raises:
         KeyError: naming the unknown key and the closest known ones.
-        ValueError: a refused key or a boolean key given another text (see :func:`typed_overrides`).
+        ValueError: a workflow without ``configs/common.json`` first (see :func:`check_layering`), a refused key
+            or a boolean key given another text (see :func:`typed_overrides`).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     files, overrides = _parse_argv(argv)
+    resolver = _active_resolver()
+    if resolver is not None and "" in resolver.items:
+        check_layering(resolver.items[""].get_config(), files)
+    elif files:
+        check_layering(ConfigParser.load_config_files(list(files)), files)
     if not files or not overrides:
         return True
     unknown = find_unknown_keys(files, list(overrides))
@@ -233,7 +303,6 @@ def check_overrides(argv: Sequence[str] | None = None) -> bool:
             f"unknown config key '--{key}': no config file in {files} defines it.{hint} "
             "Fix the override (nested keys are joined with '#')."
         )
-    resolver = _active_resolver()
     if resolver is not None:  # the values as MONAI received them (python-fire has parsed numbers and lists)
         overrides = {k: resolver.items[resolver.normalize_id(k)].get_config() for k in overrides}
     for key, value in typed_overrides(files, overrides).items():

@@ -3,8 +3,8 @@
     python -m scripts.demo                      # at most 15 minutes on 2 CPU cores: 16 generated volumes
     python -m scripts.demo --stage1_epochs 20 --stage2_epochs 20 --num_samples 4   # a quicker look
 
-Each stage is the bundle workflow a user would run with ``python -m monai.bundle run`` (same configs, same
-outputs); this only chains them and prints where everything is.
+Each stage is the bundle workflow a user would run with ``python -m monai.bundle run`` (same configs, each merged
+after ``configs/common.json``, same outputs); this only chains them and prints where everything is.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from scripts.checks import as_bool
 __all__ = ["main"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+COMMON = "configs/common.json"  # the shared definitions, merged first by every workflow
 
 
-def _run(config_file: str | list[str], **overrides: Any) -> None:
+def _run(config_file: list[str], **overrides: Any) -> None:
     from monai.bundle import run
 
     run(config_file=config_file, meta_file="configs/metadata.json", logging_file="configs/logging.conf",
@@ -41,18 +42,18 @@ def main(stage1_epochs: int | None = None, stage2_epochs: int | None = None, num
         skip_stage1: reuse ``models/model_autoencoder.pt``.
         skip_stage2: reuse ``models/model_ema.pt``.
     """
-    os.chdir(BUNDLE_ROOT)  # the configs' macros and default paths are relative to the bundle root
+    os.chdir(BUNDLE_ROOT)  # the config paths, their macros and default paths are relative to the bundle root
     times = {}
     start = time.time()
     if not as_bool(skip_stage1, "skip_stage1"):
-        _run("configs/train_autoencoder.json", max_epochs=stage1_epochs)
+        _run([COMMON, "configs/train_autoencoder.json"], max_epochs=stage1_epochs)
         times["stage 1 (autoencoder)"] = time.time() - start
     t = time.time()
     if not as_bool(skip_stage2, "skip_stage2"):
-        _run(["configs/train_autoencoder.json", "configs/train_diffusion.json"], max_epochs=stage2_epochs)
+        _run([COMMON, "configs/train_diffusion.json"], max_epochs=stage2_epochs)
         times["stage 2 (latent diffusion)"] = time.time() - t
     t = time.time()
-    _run("configs/inference.json", num_samples=num_samples, sampler=sampler)
+    _run([COMMON, "configs/inference.json"], num_samples=num_samples, sampler=sampler)
     times["generation"] = time.time() - t
     outputs = BUNDLE_ROOT / "outputs"
     latest = {prefix: max(outputs.glob(f"{prefix}_*"), default=None)

@@ -89,7 +89,8 @@ def init_process_group(backend: str = "auto", timeout_minutes: float = 30.0) -> 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError(
             "the multi-GPU overlay needs torchrun: start it as `torchrun --nproc_per_node=N -m monai.bundle run "
-            "--config_file \"['configs/train_autoencoder.json','configs/multi_gpu_train_autoencoder.json']\"`, "
+            "--config_file \"['configs/common.json','configs/train_autoencoder.json',"
+            "'configs/multi_gpu_train_autoencoder.json']\"`, "
             "or drop configs/multi_gpu_*.json for a single process."
         )
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))

@@ -10,9 +10,12 @@ Every run lives in ``<logdir>/<timestamp>_<name>/``:
 - ``train_*_<time>/``: TensorBoard events, PNG previews and loss curves of each training start;
 - ``generated_<time>/`` or ``reconstruction_<time>/``: the output of each test run.
 
-The bundle workflows do the work (``monai.bundle.run``); this module only chooses files and overrides. Two keys of
-the training configs tell it what to run: ``test_config`` (the workflow of a run without ``-t``) and
-``multi_gpu_overlay`` (merged when ``torchrun`` starts more than one process).
+The bundle workflows do the work (``monai.bundle.run``); this module only chooses files and overrides. Every workflow
+is merged after ``configs/common.json`` (the shared definitions): when ``--base`` does not name it, it is put first
+(:func:`with_common`), so ``--base configs/train_autoencoder.json`` runs ``configs/common.json`` +
+``configs/train_autoencoder.json``. Two keys of the training configs tell it what to run: ``test_config`` (the
+workflow of a run without ``-t``, merged after common.json too) and ``multi_gpu_overlay`` (merged when ``torchrun``
+starts more than one process).
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ TEST_ONLY = "test_only_params"
 EPILOG = """examples (from the bundle root):
   python main.py --base configs/train_autoencoder.json -t --name ae max_epochs=2
   torchrun --nproc-per-node=2 main.py --base configs/train_autoencoder.json -t --name ae
-  torchrun --nproc-per-node=2 main.py --base configs/train_autoencoder.json configs/train_diffusion.json \\
+  torchrun --nproc-per-node=2 main.py --base configs/train_diffusion.json \\
       -t --name ldm load_autoencoder_path=logs/<time>_ae accumulate_grad_batches=2 base_learning_rate=1e-4
-  python main.py --base configs/train_autoencoder.json configs/train_diffusion.json --name ldm limit_test_batches=8 \\
+  python main.py --base configs/train_diffusion.json --name ldm limit_test_batches=8 \\
       test_only_params#sampler=ddpm          # no -t: generate with the latest run named 'ldm'
   python main.py --resume logs/<time>_ldm -t max_epochs=400   # continue training (also after SIGTERM/SIGUSR1)
-overrides are key=value with MONAI ids ('#' joins nested keys); values are JSON or Python literals.
+configs/common.json (the shared definitions) is merged first when --base does not name it.
+overrides are key=value with MONAI ids ('#' joins nested keys, e.g. autoencoder_def#num_res_blocks=2); values are
+JSON or Python literals.
 LDM keys accepted as aliases: base_learning_rate, accumulate_grad_batches, max_epochs, limit_test_batches
 (samples or volumes of the test run), test_only_params (overrides of the test run only); lightning.trainer.* and
 model.* spellings too."""
@@ -164,6 +169,13 @@ def _bundle_files(value: str | Sequence[str]) -> list[str]:
     return [str((BUNDLE_ROOT / v).resolve()) for v in ([value] if isinstance(value, str) else value)]
 
 
+def with_common(files: Sequence[str]) -> list[str]:
+    """``files`` merged after ``configs/common.json``: it is put first when no file of ``files`` is it (run folders
+    recorded before the configs were layered name only the workflow configs)."""
+    common = str(COMMON.resolve())
+    return list(files) if any(Path(f).resolve() == COMMON.resolve() for f in files) else [common, *files]
+
+
 def train_files(files: Sequence[str], world_size: int) -> list[str]:
     """The training config files, with the config's ``multi_gpu_overlay`` appended when ``world_size > 1``."""
     merged = _load(files)
@@ -174,7 +186,8 @@ def train_files(files: Sequence[str], world_size: int) -> list[str]:
 
 
 def test_files(files: Sequence[str]) -> list[str]:
-    """The test workflow of a training run: its ``test_config`` plus the run's overlays (e.g. brats.json).
+    """The test workflow of a training run: ``configs/common.json``, its ``test_config``, then the run's overlays
+    (e.g. brats.json).
 
     Raises:
         ValueError: when no file defines ``test_config``, naming the fix.
@@ -187,7 +200,7 @@ def test_files(files: Sequence[str]) -> list[str]:
                          "add \"test_config\": \"configs/inference.json\" or similar to your training config.")
     overlays = [f for f in files if Path(f) != COMMON.resolve() and not _declares(f, "test_config")
                 and not _declares(f, "multi_gpu_overlay")]
-    return [*_bundle_files(merged["test_config"]), *overlays]
+    return with_common([*_bundle_files(merged["test_config"]), *overlays])
 
 
 def check_keys(files: Sequence[str], overrides: Mapping[str, Any], what: str) -> None:
@@ -320,16 +333,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_path = run / "configs" / "launch.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if files and [Path(f).name for f in _absolute_files(files, cwd)] != [Path(f).name for f in record["files"]]:
+        record["files"] = with_common(record["files"])
+        if files and [Path(f).name for f in with_common(_absolute_files(files, cwd))] != [
+                Path(f).name for f in record["files"]]:
             print(f"note: using the config files of {run} ({[Path(f).name for f in record['files']]}), not --base")
         record["overrides"].update(general)
         record["test_only"].update(test_only)
         if limit is not None:
             record["limit_test_batches"] = limit
     else:
-        record = {"name": run.name.split("_", 1)[-1], "files": _absolute_files(files, cwd), "overrides": general,
-                  "test_only": test_only, "limit_test_batches": limit}
-    os.chdir(BUNDLE_ROOT)  # the workflow configs' '%configs/common.json#...' macros resolve from here
+        record = {"name": run.name.split("_", 1)[-1], "files": with_common(_absolute_files(files, cwd)),
+                  "overrides": general, "test_only": test_only, "limit_test_batches": limit}
+    os.chdir(BUNDLE_ROOT)  # the configs' remaining macros (inference.json#recipe, the overlays') resolve from here
     paths = {"ckpt_dir": str(run / "models"), "output_dir": str(run)}
 
     if args.train:

@@ -51,8 +51,9 @@ def merged_config() -> dict[str, Any] | None:
 def write_provenance(run_dir: str | Path, inputs: Mapping[str, str | None] | None = None,
                      seed: int | None = None) -> Path | None:
     """Write ``config.json`` and ``provenance.json`` into ``run_dir`` (atomically); returns the provenance path.
-    On ranks other than 0 of a ``torchrun`` job it writes nothing (their run folders are never made) and returns
-    ``None``.
+
+    On ranks other than 0 of a ``torchrun`` job nothing is written (their ``run_dir`` is never created, see
+    :func:`scripts.storage.new_run_dir`) and ``None`` is returned.
 
     Args:
         run_dir: the run's output folder.

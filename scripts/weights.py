@@ -23,9 +23,11 @@ __all__ = ["LEGACY_MARKERS", "WEIGHTS_SOURCES", "is_legacy_state_dict", "load_we
 
 # how to get each weight file the workflows load, for the message when it is missing
 WEIGHTS_SOURCES = {
-    "autoencoder": "python -m monai.bundle run --config_file configs/train_autoencoder.json",
+    "autoencoder": (
+        "python -m monai.bundle run --config_file \"['configs/common.json','configs/train_autoencoder.json']\""
+    ),
     "diffusion model": (
-        "python -m monai.bundle run --config_file \"['configs/train_autoencoder.json','configs/train_diffusion.json']\""
+        "python -m monai.bundle run --config_file \"['configs/common.json','configs/train_diffusion.json']\""
     ),
 }
 

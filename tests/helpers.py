@@ -16,6 +16,8 @@ from tests.forked_python import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_NAME = "meta_schema_20240725.json"
+#: the shared definitions, merged first by every workflow: ``[COMMON, <workflow config>, <overlays>]``
+COMMON = "configs/common.json"
 
 # 32^3 demo volumes, a tiny autoencoder: a stage-1 epoch takes about a second on 2 CPU cores
 TINY = {
@@ -90,8 +92,19 @@ def torchrun(nproc: int = 2) -> list[str]:
 def run_bundle(config_files: str | list[str], overrides: dict, check: bool = True, timeout: int = 600,
                subcommand: str = "run", launcher: list[str] | None = None,
                cwd: str | Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run --config_file ... --key value`` from the bundle root (or ``cwd``);
-    ``launcher``: e.g. :func:`torchrun`, instead of ``python``."""
+    """``python -m monai.bundle run --config_file "['configs/common.json','configs/<workflow>.json',...]" --key value``
+    from the bundle root (or ``cwd``), as the README writes it.
+
+    Args:
+        config_files: one file, or files merged left to right: :data:`COMMON` first, then the workflow config, then
+            overlays (a workflow without common.json stops with one line naming the fix).
+        overrides: ``--key value`` pairs; values other than strings are passed as JSON.
+        check: raise, with the output's end, when the command fails.
+        timeout: seconds before the command is killed.
+        subcommand: the ``monai.bundle`` command (``run``, ``ckpt_export``...).
+        launcher: e.g. :func:`torchrun`, instead of ``python``.
+        cwd: the working folder (the bundle root by default, where the config paths resolve).
+    """
     files = config_files if isinstance(config_files, str) else json.dumps(config_files).replace('"', "'")
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", subcommand, "--config_file", files]
     for k, v in overrides.items():

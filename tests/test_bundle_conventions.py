@@ -1,5 +1,5 @@
-"""MONAI bundle conventions: metadata schema, network in/out shapes, workflow properties, one definition per network,
-every config id read by something."""
+"""MONAI bundle conventions: metadata schema, network in/out shapes, workflow properties, one definition per network
+(configs/common.json merged first, workflow configs holding only their own keys), every config id read by something."""
 
 from __future__ import annotations
 
@@ -16,41 +16,45 @@ from monai.bundle.reference_resolver import ReferenceResolver
 from tests.forked_python import run_python
 from tests.helpers import ROOT, fake_brats, metadata_schema, overrides_for
 
-WORKFLOWS = ["configs/train_autoencoder.json", "configs/inference_autoencoder.json"]
-MACRO_WORKFLOWS = [*WORKFLOWS, "configs/inference.json", "configs/evaluate.json"]
-STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
-
 COMMON, TRAIN_AE, TRAIN_DIFF = "configs/common.json", "configs/train_autoencoder.json", "configs/train_diffusion.json"
 INFER_AE, GENERATE, EVALUATE = "configs/inference_autoencoder.json", "configs/inference.json", "configs/evaluate.json"
 VQVAE, BRATS = "configs/vqvae.json", "configs/brats.json"
 MULTI_AE, MULTI_DIFF = "configs/multi_gpu_train_autoencoder.json", "configs/multi_gpu_train_diffusion.json"
 
+#: the workflow configs, each merged after common.json (the overlays come after them)
+WORKFLOW_CONFIGS = [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE]
+#: shared ids a workflow config defines for itself: MONAI's infer property network_def is the workflow's own network
+#: (the reconstruction wrapper, the feature network); generation takes the noise schedule, spacing and orientation
+#: from the training record (common.json's defaults, read through its nested `recipe` macros, for weights without one)
+OWN_SHARED_IDS = {INFER_AE: {"network_def"}, EVALUATE: {"network_def"}}
+
 #: every workflow the README and the configs' comments show: name -> (config files, MONAI workflow type, data kind
 #: of tests.helpers.overrides_for)
 ALL_WORKFLOWS = {
-    "stage1": ([TRAIN_AE], "train", "train"),
-    "reconstruction": ([INFER_AE], "infer", "infer"),
-    "stage2": ([TRAIN_AE, TRAIN_DIFF], "train", "stage2"),
-    "stage2_from_common": ([COMMON, TRAIN_DIFF], "train", "stage2"),
-    "generation": ([GENERATE], "infer", "generate"),
-    "evaluation": ([EVALUATE], "infer", "infer"),
-    "vqvae_stage1": ([TRAIN_AE, VQVAE], "train", "train"),
-    "vqvae_reconstruction": ([INFER_AE, VQVAE], "infer", "infer"),
-    "vqvae_stage2": ([TRAIN_AE, VQVAE, TRAIN_DIFF], "train", "stage2"),
-    "vqvae_generation": ([GENERATE, VQVAE], "infer", "generate"),
-    "brats_stage1": ([TRAIN_AE, BRATS], "train", "train"),
-    "brats_reconstruction": ([INFER_AE, BRATS], "infer", "infer"),
-    "brats_stage2": ([TRAIN_AE, TRAIN_DIFF, BRATS], "train", "stage2"),
-    "brats_generation": ([GENERATE, BRATS], "infer", "generate"),
-    "multi_gpu_stage1": ([TRAIN_AE, MULTI_AE], "train", "train"),
-    "multi_gpu_stage2": ([TRAIN_AE, TRAIN_DIFF, MULTI_AE, MULTI_DIFF], "train", "stage2"),
-    "multi_gpu_stage2_from_common": ([COMMON, TRAIN_DIFF, MULTI_DIFF], "train", "stage2"),
+    "stage1": ([COMMON, TRAIN_AE], "train", "train"),
+    "reconstruction": ([COMMON, INFER_AE], "infer", "infer"),
+    "stage2": ([COMMON, TRAIN_DIFF], "train", "stage2"),
+    "stage2_after_stage1": ([COMMON, TRAIN_AE, TRAIN_DIFF], "train", "stage2"),  # the Model Zoo BraTS layering
+    "generation": ([COMMON, GENERATE], "infer", "generate"),
+    "evaluation": ([COMMON, EVALUATE], "infer", "infer"),
+    "vqvae_stage1": ([COMMON, TRAIN_AE, VQVAE], "train", "train"),
+    "vqvae_reconstruction": ([COMMON, INFER_AE, VQVAE], "infer", "infer"),
+    "vqvae_stage2": ([COMMON, TRAIN_DIFF, VQVAE], "train", "stage2"),
+    "vqvae_stage2_after_stage1": ([COMMON, TRAIN_AE, VQVAE, TRAIN_DIFF], "train", "stage2"),
+    "vqvae_generation": ([COMMON, GENERATE, VQVAE], "infer", "generate"),
+    "brats_stage1": ([COMMON, TRAIN_AE, BRATS], "train", "train"),
+    "brats_reconstruction": ([COMMON, INFER_AE, BRATS], "infer", "infer"),
+    "brats_stage2": ([COMMON, TRAIN_DIFF, BRATS], "train", "stage2"),
+    "brats_generation": ([COMMON, GENERATE, BRATS], "infer", "generate"),
+    "multi_gpu_stage1": ([COMMON, TRAIN_AE, MULTI_AE], "train", "train"),
+    "multi_gpu_stage2": ([COMMON, TRAIN_DIFF, MULTI_DIFF], "train", "stage2"),
+    "multi_gpu_stage2_after_stage1": ([COMMON, TRAIN_AE, TRAIN_DIFF, MULTI_AE, MULTI_DIFF], "train", "stage2"),
 }
 
 
 @pytest.fixture(autouse=True)
 def _bundle_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # macros in the configs are relative to the bundle root, as for `monai.bundle run`
+    monkeypatch.chdir(ROOT)  # config paths and macros are relative to the bundle root, as for `monai.bundle run`
 
 
 def _cli(*args):
@@ -68,7 +72,7 @@ def test_verify_net_in_out_autoencoder():
     """The autoencoder is described by `autoencoder_data_format`, checked by pointing verify_net_in_out at it."""
     meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
     proc = _cli("verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
-                "--config_file", "configs/inference_autoencoder.json",
+                "--config_file", "['configs/common.json','configs/inference_autoencoder.json']",
                 "--_meta_#network_data_format", json.dumps(meta["autoencoder_data_format"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
@@ -77,7 +81,7 @@ def test_verify_net_in_out_autoencoder():
 def test_verify_net_in_out_diffusion_unet():
     """`network_data_format` describes the diffusion UNet (latent in, latent out, through a fixed-timestep wrapper)."""
     proc = _cli("verify_net_in_out", "--net_id", "denoiser_def", "--meta_file", "configs/metadata.json",
-                "--config_file", "configs/inference.json")
+                "--config_file", "['configs/common.json','configs/inference.json']")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
 
@@ -132,42 +136,51 @@ def test_every_workflow_passes_check_properties(name, data, tmp_path, request):
     assert wf.check_properties() == []
 
 
-@pytest.mark.parametrize("config_file", MACRO_WORKFLOWS)
-def test_every_workflow_takes_every_shared_definition_from_common(config_file):
-    common = json.loads((ROOT / "configs" / "common.json").read_text())
+def test_no_config_repeats_a_shared_definition_as_a_top_level_macro():
+    """common.json is merged first, so no config takes a shared id again with a top-level '%configs/common.json#<id>'
+    macro (nested macros, generation's `recipe#<id>` reads of the raw defaults, are reads, not repeats): adding a
+    shared definition touches common.json only."""
+    repeats = [f"{path.name}: {key}" for path in sorted((ROOT / "configs").glob("*.json")) if path.name != "common.json"
+               for key, value in json.loads(path.read_text()).items()
+               if isinstance(value, str) and value.startswith("%configs/common.json")]
+    assert not repeats, f"top-level macros of common.json ids (merge common.json first instead): {repeats}"
+
+
+@pytest.mark.parametrize("config_file", WORKFLOW_CONFIGS)
+def test_workflow_configs_hold_only_their_own_keys(config_file):
+    """A workflow config redefines no shared id of common.json except its own (:data:`OWN_SHARED_IDS`, and
+    generation's recorded settings, which fall back to common.json's defaults through `recipe`)."""
+    common = json.loads((ROOT / COMMON).read_text())
     workflow = json.loads((ROOT / config_file).read_text())
-    # MONAI's infer property network_def is the workflow's own network: the autoencoder (reconstruction wrapper) in
-    # stage-1 inference, the feature network in evaluation; generation takes the noise schedule, spacing and
-    # orientation from the training record, and from common.json (its `recipe`) only for weights without a record
-    recipe = workflow.get("recipe", {}) if config_file == "configs/inference.json" else {}
-    own = {"configs/inference_autoencoder.json": {"network_def"},
-           "configs/evaluate.json": {"network_def"}}.get(config_file, set()) | set(recipe)
-    for key in (k for k in common if not k.startswith("_") and k not in own):
-        assert workflow.get(key) == f"%configs/common.json#{key}", f"{config_file}: '{key}' must be a macro"
+    recipe = workflow.get("recipe", {}) if config_file == GENERATE else {}
+    own = OWN_SHARED_IDS.get(config_file, set()) | set(recipe)
+    redefined = [k for k in workflow if k in common and k not in own and not k.startswith("_")]
+    assert not redefined, f"{config_file} redefines shared ids of common.json: {redefined}"
     for key in recipe:
-        assert recipe[key] == f"%configs/common.json#{key}", f"{config_file}: 'recipe#{key}' must be a macro"
+        assert recipe[key] == f"%configs/common.json#{key}", f"{config_file}: 'recipe#{key}' must read common.json"
         assert f"'{key}', @recipe#{key})" in workflow[key], f"{config_file}: '{key}' must fall back to the recipe"
-    redefined = [k for k in ("autoencoder_def", "discriminator_def", "preprocessing_transforms")
-                 if not str(workflow.get(k, "")).startswith("%")]
-    assert not redefined
+    # without common.json, the first initialize step still runs (and names the fix, tests/test_layering.py)
+    assert workflow.get("+imports") == ["$import scripts"]
+    assert workflow["initialize"][0] == "$scripts.checks.check_overrides()"
 
 
 def test_train_and_inference_build_the_same_autoencoder():
     nets = []
-    for config_file in WORKFLOWS:
+    for config_file in (TRAIN_AE, INFER_AE, GENERATE):
         parser = ConfigParser()
-        parser.read_config(config_file)
+        parser.read_config([COMMON, config_file])
         parser.parse()
         nets.append(parser.get_parsed_content("autoencoder_def"))
-    a, b = (n.state_dict() for n in nets)
-    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    a = nets[0].state_dict()
+    for other in (n.state_dict() for n in nets[1:]):
+        assert list(a) == list(other) and all(a[k].shape == other[k].shape for k in a)
 
 
 def test_stage2_training_and_generation_build_the_same_unet():
     nets = []
-    for config_file in (STAGE2, ["configs/common.json", "configs/train_diffusion.json"], "configs/inference.json"):
+    for files in ([COMMON, TRAIN_DIFF], [COMMON, TRAIN_AE, TRAIN_DIFF], [COMMON, GENERATE]):
         parser = ConfigParser()
-        parser.read_config(config_file)
+        parser.read_config(files)
         parser.parse()
         nets.append(parser.get_parsed_content("network_def").state_dict())
     for other in nets[1:]:
@@ -177,7 +190,7 @@ def test_stage2_training_and_generation_build_the_same_unet():
 # ---- every top-level id is read by something ----------------------------------------------------------------------
 
 #: what MONAI itself runs or reads: the workflow's entry points
-ENTRY_POINTS = {"imports", "initialize", "run", "finalize", "+initialize", "+finalize"}
+ENTRY_POINTS = {"imports", "initialize", "run", "finalize", "+imports", "+initialize", "+finalize"}
 #: read by main.py (scripts/launch.py): the test workflow of a training run and the torchrun overlay
 LAUNCHER_KEYS = ("test_config", "multi_gpu_overlay")
 #: settings every workflow must act on when it accepts them (a workflow that ignores --amp must not take it)
@@ -239,12 +252,11 @@ def test_launcher_keys_are_read_by_the_launcher():
 @pytest.mark.parametrize("config_file", [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE, VQVAE, BRATS, MULTI_AE,
                                          MULTI_DIFF])
 def test_every_id_a_config_defines_is_read_by_a_workflow_using_it(config_file):
-    """Each top-level id a config file defines (not a shared definition it takes from common.json, not a nested
-    '#' edit of an overlay) is referenced by another id in some workflow that merges the file, or is an entry
-    point, a MONAI property of that workflow's type, a key main.py reads, or a documented --net_id."""
+    """Each top-level id a config file defines (not a nested '#' edit of an overlay) is referenced by another id in
+    some workflow that merges the file, or is an entry point, a MONAI property of that workflow's type, a key main.py
+    reads, or a documented --net_id."""
     content = json.loads((ROOT / config_file).read_text())
-    own = [k for k, v in content.items()
-           if not k.startswith("_") and "#" not in k and v != f"%configs/common.json#{k}"]
+    own = [k for k in content if not k.startswith("_") and "#" not in k]
     users = [name for name, (files, _, _) in ALL_WORKFLOWS.items() if config_file in files]
     exempt = ENTRY_POINTS | set(LAUNCHER_KEYS) | _documented_net_ids() | set(ALLOWED_UNREAD)
     unread = [k for k in own if k not in exempt and not any(_is_read(k, w) for w in users)]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from scripts import distributed
-from tests.helpers import overrides_for, run_bundle, torchrun
+from tests.helpers import COMMON, overrides_for, run_bundle, torchrun
 
-STAGE1 = ["configs/train_autoencoder.json", "configs/multi_gpu_train_autoencoder.json"]
+STAGE1 = [COMMON, "configs/train_autoencoder.json", "configs/multi_gpu_train_autoencoder.json"]
 PROBE = "$list(@train#handlers) + [monai.utils.instantiate('tests.rank_probe.SeenItems', 'default', folder='{folder}')]"
 
 
@@ -64,7 +64,7 @@ def test_validation_metric_is_reduced_over_both_ranks(ddp_stage1):
     tmp, proc = ddp_stage1
     logged = re.findall(r"Epoch\[2\] Metrics -- .*?val_psnr: ([0-9.]+)", proc.stdout + proc.stderr)
     assert len(logged) == 1  # rank 0 logs, once
-    run_bundle("configs/inference_autoencoder.json", overrides_for(tmp, infer=True, split="validation"))
+    run_bundle([COMMON, "configs/inference_autoencoder.json"], overrides_for(tmp, infer=True, split="validation"))
     summary = json.loads(next((tmp / "outputs").glob("reconstruction_*/summary.json")).read_text())
     assert summary["num_volumes"] == 2
     assert float(logged[0]) == pytest.approx(summary["psnr"]["mean"], abs=1e-3)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from scripts.demo_data import make_demo_dataset
-from tests.helpers import TINY, TWO_LEVEL_AUTOENCODER, config_network, overrides_for, run_bundle
+from tests.helpers import COMMON, TINY, TWO_LEVEL_AUTOENCODER, config_network, overrides_for, run_bundle
 
-TRAIN = "configs/train_autoencoder.json"
-INFER = "configs/inference_autoencoder.json"
+TRAIN = [COMMON, "configs/train_autoencoder.json"]
+INFER = [COMMON, "configs/inference_autoencoder.json"]
 
 
 def _last_line(proc) -> str:

@@ -23,9 +23,9 @@ from scripts.evaluation.metrics import (
     wasserstein_1d,
 )
 from scripts.nifti import centered_affine, save_nifti
-from tests.helpers import ROOT, overrides_for, run_bundle
+from tests.helpers import COMMON, ROOT, overrides_for, run_bundle
 
-EVALUATE = "configs/evaluate.json"
+EVALUATE = [COMMON, "configs/evaluate.json"]
 
 
 def _volumes(n: int, seed: int = 0, size: int = 32) -> list[torch.Tensor]:

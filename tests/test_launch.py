@@ -17,8 +17,8 @@ from tests.forked_python import run_python
 from tests.helpers import ROOT, TINY, TINY_DIFFUSION, torchrun
 
 MAIN = str(ROOT / "main.py")
-STAGE1 = ["--base", "configs/train_autoencoder.json"]
-STAGE2 = ["--base", "configs/train_autoencoder.json", "configs/train_diffusion.json"]
+STAGE1 = ["--base", "configs/train_autoencoder.json"]  # common.json put first by main.py
+STAGE2 = ["--base", "configs/common.json", "configs/train_diffusion.json"]
 
 
 def tiny(tmp: Path, stage2: bool = False) -> list[str]:
@@ -75,6 +75,7 @@ def test_train_then_test_in_one_run_folder(stage1_run):
     assert snap["autoencoder_channels"] == [8, 8, 8] and not str(snap["device"]).startswith("%")
     record = json.loads((run / "configs" / "launch.json").read_text())
     assert record["overrides"]["gradient_accumulation_steps"] == 2 and record["limit_test_batches"] == 1
+    assert [Path(f).name for f in record["files"]] == ["common.json", "train_autoencoder.json"]  # common put first
     assert "x gradient accumulation 2" in proc.stdout
 
 
@@ -140,12 +141,24 @@ def test_test_workflow_of_each_training_config():
     def names(files):
         return [Path(f).name for f in launch.test_files([str(ROOT / f) for f in files])]
 
-    assert names(["configs/train_autoencoder.json"]) == ["inference_autoencoder.json"]
-    assert names(["configs/train_autoencoder.json", "configs/train_diffusion.json", "configs/brats.json"]) == [
-        "inference.json", "brats.json"]
-    assert names(["configs/common.json", "configs/train_diffusion.json"]) == ["inference.json"]
-    assert [Path(f).name for f in launch.train_files([str(ROOT / "configs/train_autoencoder.json")], 2)] == [
-        "train_autoencoder.json", "multi_gpu_train_autoencoder.json"]
+    assert names(["configs/common.json", "configs/train_autoencoder.json"]) == ["common.json",
+                                                                                "inference_autoencoder.json"]
+    assert names(["configs/train_autoencoder.json"]) == ["common.json", "inference_autoencoder.json"]
+    assert names(["configs/common.json", "configs/train_autoencoder.json", "configs/train_diffusion.json",
+                  "configs/brats.json"]) == ["common.json", "inference.json", "brats.json"]
+    assert names(["configs/common.json", "configs/train_diffusion.json", "configs/vqvae.json"]) == [
+        "common.json", "inference.json", "vqvae.json"]
+    stage1 = [str(ROOT / "configs/common.json"), str(ROOT / "configs/train_autoencoder.json")]
+    assert [Path(f).name for f in launch.train_files(stage1, 2)] == [
+        "common.json", "train_autoencoder.json", "multi_gpu_train_autoencoder.json"]
+
+
+def test_common_json_is_merged_first_when_base_lacks_it():
+    """``--base configs/train_autoencoder.json`` (and run folders recorded before the configs were layered) run
+    after configs/common.json; a list that names it stays as it is."""
+    common, stage1 = str(ROOT / "configs/common.json"), str(ROOT / "configs/train_autoencoder.json")
+    assert launch.with_common([stage1]) == [common, stage1]
+    assert launch.with_common([common, stage1]) == [common, stage1]
 
 
 def test_errors_name_the_fix(tmp_path):

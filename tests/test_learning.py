@@ -18,11 +18,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from tests.helpers import ROOT, overrides_for, run_bundle
+from tests.helpers import COMMON, ROOT, overrides_for, run_bundle
 
-STAGE1 = "configs/train_autoencoder.json"
-STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
-RECONSTRUCT = "configs/inference_autoencoder.json"
+STAGE1 = [COMMON, "configs/train_autoencoder.json"]
+STAGE2 = [COMMON, "configs/train_diffusion.json"]
+RECONSTRUCT = [COMMON, "configs/inference_autoencoder.json"]
 
 BLUR_SIGMA = 2.0  # voxels: the 4x-downsampling autoencoder must keep more detail than this blur
 PSNR_MARGIN_DB = 1.0

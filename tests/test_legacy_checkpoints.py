@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.schedulers import make_scheduler
 from scripts.weights import load_weights
-from tests.helpers import ROOT, TINY, TINY_DIFFUSION, config_network, overrides_for, run_bundle
+from tests.helpers import COMMON, ROOT, TINY, TINY_DIFFUSION, config_network, overrides_for, run_bundle
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # monai-generative's deprecated torch.cuda.amp decorators
@@ -56,7 +56,7 @@ def test_monai_generative_weights_give_the_same_reconstructions_and_samples(tmp_
     torch.save(unet.state_dict(), tmp_path / "models" / "model.pt")
 
     # float32 (--amp false): the comparison is with the old models in float32
-    proc = run_bundle("configs/inference_autoencoder.json", overrides_for(tmp_path, infer=True, amp=False))
+    proc = run_bundle([COMMON, "configs/inference_autoencoder.json"], overrides_for(tmp_path, infer=True, amp=False))
     assert "converted the old monai-generative layout" in proc.stdout
     out = next((tmp_path / "outputs").glob("reconstruction_*"))
     for recon_file in sorted(out.glob("*_reconstruction.nii.gz")):
@@ -66,9 +66,10 @@ def test_monai_generative_weights_give_the_same_reconstructions_and_samples(tmp_
         np.testing.assert_allclose(nib.load(recon_file).get_fdata(), expected, atol=1e-4)
 
     steps, scale, seed = 3, 0.7, 5
-    run_bundle("configs/inference.json", overrides_for(tmp_path, generate=True, use_ema="False", scale_factor=scale,
-                                                       sampler="ddim", noise_scheduler_type="ddpm", num_samples=1,
-                                                       num_inference_steps=steps, seed=seed, amp=False))
+    run_bundle([COMMON, "configs/inference.json"],
+               overrides_for(tmp_path, generate=True, use_ema="False", scale_factor=scale, sampler="ddim",
+                             noise_scheduler_type="ddpm", num_samples=1, num_inference_steps=steps, seed=seed,
+                             amp=False))
     sample = nib.load(next((tmp_path / "outputs").glob("generated_*")) / "sample_0000.nii.gz").get_fdata()
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "common.json"))
@@ -80,7 +81,8 @@ def test_monai_generative_weights_give_the_same_reconstructions_and_samples(tmp_
 
 def test_brats_reference_weights_load_with_brats_overlay(tmp_path, monkeypatch):
     """Plain state dicts of the Model Zoo BraTS bundle's sizes (old monai-generative layout, as it ships them) load
-    through `['configs/inference.json','configs/brats.json']`; one forward each matches the old networks."""
+    through `['configs/common.json','configs/inference.json','configs/brats.json']`; one forward each matches the old
+    networks."""
     ae = _randomise(_old_autoencoder([64, 128, 256], 8, 2, 32), 0)
     unet = _randomise(_old_unet([256, 256, 512], [False, True, True], [0, 64, 64], 2, 32, 8), 1)
     models = tmp_path / "models"
@@ -89,7 +91,7 @@ def test_brats_reference_weights_load_with_brats_overlay(tmp_path, monkeypatch):
     torch.save(unet.state_dict(), models / "model.pt")
 
     monkeypatch.chdir(ROOT)  # macros are relative to the bundle root, as for `monai.bundle run`
-    wf = ConfigWorkflow(config_file=["configs/inference.json", "configs/brats.json"], workflow_type="infer",
+    wf = ConfigWorkflow(config_file=[COMMON, "configs/inference.json", "configs/brats.json"], workflow_type="infer",
                         meta_file="configs/metadata.json", logging_file=False, model_dir=str(models),
                         output_dir=str(tmp_path / "outputs"), use_ema=False, scale_factor=1.0)
     wf.initialize()  # loads both files through scripts.weights.load_weights, as generation does

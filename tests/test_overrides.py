@@ -11,16 +11,16 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.checks import as_bool, check_overrides, typed_overrides
-from tests.helpers import ROOT, overrides_for, run_bundle
+from tests.helpers import COMMON, ROOT, overrides_for, run_bundle
 
-STAGE1 = ["configs/train_autoencoder.json"]
-STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
-GENERATE = ["configs/inference.json"]
-RECONSTRUCT = ["configs/inference_autoencoder.json"]
-EVALUATE = ["configs/evaluate.json"]
-VQVAE_STAGE1 = ["configs/train_autoencoder.json", "configs/vqvae.json"]
-MULTI_GPU_STAGE1 = ["configs/train_autoencoder.json", "configs/multi_gpu_train_autoencoder.json"]
-MULTI_GPU_STAGE2 = [*STAGE2, "configs/multi_gpu_train_autoencoder.json", "configs/multi_gpu_train_diffusion.json"]
+STAGE1 = [COMMON, "configs/train_autoencoder.json"]
+STAGE2 = [COMMON, "configs/train_diffusion.json"]
+GENERATE = [COMMON, "configs/inference.json"]
+RECONSTRUCT = [COMMON, "configs/inference_autoencoder.json"]
+EVALUATE = [COMMON, "configs/evaluate.json"]
+VQVAE_STAGE1 = [*STAGE1, "configs/vqvae.json"]
+MULTI_GPU_STAGE1 = [*STAGE1, "configs/multi_gpu_train_autoencoder.json"]
+MULTI_GPU_STAGE2 = [*STAGE2, "configs/multi_gpu_train_diffusion.json"]
 
 #: every boolean the README, docs/README.md and the configs document, in each workflow that reads it
 BOOLEANS = {

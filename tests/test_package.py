@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 
 from scripts.package import INCLUDED, PackageError, bundle_name, package
 from tests.forked_python import run_python
-from tests.helpers import ROOT, TINY, TINY_DIFFUSION, run_bundle
+from tests.helpers import COMMON, ROOT, TINY, TINY_DIFFUSION, run_bundle
 
 METADATA = json.loads((ROOT / "configs" / "metadata.json").read_text())
 NAME, VERSION = bundle_name(METADATA), METADATA["version"]
@@ -48,9 +48,9 @@ def test_package_layout_and_unzipped_bundle_runs_elsewhere(tmp_path):
     zipfile.ZipFile(zip_path).extractall(tmp_path / "elsewhere")
     bundle = tmp_path / "elsewhere" / NAME
     ov = {**TINY, "bundle_root": str(bundle)}
-    run_bundle("configs/train_autoencoder.json", {**ov, "max_epochs": 1, "val_interval": 5}, cwd=bundle)
+    run_bundle([COMMON, "configs/train_autoencoder.json"], {**ov, "max_epochs": 1, "val_interval": 5}, cwd=bundle)
     infer = {k: v for k, v in ov.items() if k != "train_patch_size"}
-    run_bundle("configs/inference_autoencoder.json", infer, cwd=bundle)
+    run_bundle([COMMON, "configs/inference_autoencoder.json"], infer, cwd=bundle)
     assert (bundle / "models" / "model_autoencoder.pt").is_file()
     assert (bundle / "data" / "demo" / "datalist.json").is_file()
     summary = json.loads(next((bundle / "outputs").glob("reconstruction_*/summary.json")).read_text())
@@ -58,14 +58,14 @@ def test_package_layout_and_unzipped_bundle_runs_elsewhere(tmp_path):
 
     # the other workflows, from the same folder: stage 2, generation, evaluation
     diffusion = {**infer, **TINY_DIFFUSION}
-    run_bundle(["configs/train_autoencoder.json", "configs/train_diffusion.json"],
+    run_bundle([COMMON, "configs/train_diffusion.json"],
                {**diffusion, "max_epochs": 1, "val_interval": 5}, cwd=bundle)
     assert (bundle / "models" / "model.pt").is_file() and any((bundle / "cache").iterdir())
     generate = {k: v for k, v in diffusion.items() if k != "num_workers"}
-    run_bundle("configs/inference.json", {**generate, "num_samples": 2, "num_inference_steps": 2}, cwd=bundle)
+    run_bundle([COMMON, "configs/inference.json"], {**generate, "num_samples": 2, "num_inference_steps": 2}, cwd=bundle)
     generated = next((bundle / "outputs").glob("generated_*"))
     assert len(list(generated.glob("*.nii.gz"))) == 2
-    run_bundle("configs/evaluate.json", {**generate, "max_pairs": 2}, cwd=bundle)
+    run_bundle([COMMON, "configs/evaluate.json"], {**generate, "max_pairs": 2}, cwd=bundle)
     assert (next((bundle / "outputs").glob("evaluation_*")) / "metrics.json").is_file()
 
 

@@ -12,9 +12,9 @@ from monai.bundle import ConfigParser
 from scripts.handlers import TrainingCheckpoint
 from scripts.records import check_against_record, check_weights_against_record, read_training_record, recorded
 from scripts.storage import file_sha256
-from tests.helpers import ROOT, TINY, overrides_for, run_bundle
+from tests.helpers import COMMON, ROOT, TINY, overrides_for, run_bundle
 
-GENERATE = "configs/inference.json"
+GENERATE = [COMMON, "configs/inference.json"]
 RECORD = {"noise_scheduler_type": "ddpm", "num_train_timesteps": 1000, "beta_schedule": "linear_beta",
           "beta_start": 0.001, "beta_end": 0.02, "prediction_type": "v_prediction", "scale_factor": 0.42,
           "latent_shape": [4, 6, 8, 8], "volume_size": [24, 32, 32], "spacing": [1.5, 1.5, 2.0], "orientation": "LPS"}
@@ -31,7 +31,7 @@ def generation_config(tmp_path, monkeypatch, **overrides) -> ConfigParser:
     """inference.json as `monai.bundle run` resolves it (from the bundle root), tiny networks, models in tmp_path."""
     monkeypatch.chdir(ROOT)
     parser = ConfigParser()
-    parser.read_config(str(ROOT / GENERATE))
+    parser.read_config([str(ROOT / f) for f in GENERATE])
     parser.update({k: v for k, v in TINY.items() if k in parser.get()})
     parser.update({"model_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "outputs"), **overrides})
     return parser

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import overrides_for, run_bundle
+from tests.helpers import COMMON, overrides_for, run_bundle
 
-TRAIN = "configs/train_autoencoder.json"
-INFER = "configs/inference_autoencoder.json"
+TRAIN = [COMMON, "configs/train_autoencoder.json"]
+INFER = [COMMON, "configs/inference_autoencoder.json"]
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from scripts.storage import file_sha256
-from tests.helpers import config_network, overrides_for, run_bundle
+from tests.helpers import COMMON, config_network, overrides_for, run_bundle
 
-STAGE1 = "configs/train_autoencoder.json"
-STAGE2 = ["configs/train_autoencoder.json", "configs/train_diffusion.json"]
-STAGE2_STANDALONE = ["configs/common.json", "configs/train_diffusion.json"]
-GENERATE = "configs/inference.json"
+STAGE1 = [COMMON, "configs/train_autoencoder.json"]
+STAGE2 = [COMMON, "configs/train_diffusion.json"]
+STAGE2_AFTER_STAGE1 = [COMMON, "configs/train_autoencoder.json", "configs/train_diffusion.json"]
+GENERATE = [COMMON, "configs/inference.json"]
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,10 @@ def test_every_training_run_writes_its_merged_config_and_provenance(trained):
     assert facts["inputs_sha256"]["autoencoder"] == file_sha256(tmp / "models" / "model_autoencoder.pt")
 
 
-def test_stage2_standalone_from_common_resumes_and_reuses_cache(trained):
+def test_stage2_layered_after_stage1_resumes_and_reuses_cache(trained):
+    """The Model Zoo BraTS layering (common, train_autoencoder, train_diffusion) continues the same run."""
     tmp, ov, _ = trained
-    proc = run_bundle(STAGE2_STANDALONE, {**ov, "max_epochs": 3, "resume": True, "val_interval": 10})
+    proc = run_bundle(STAGE2_AFTER_STAGE1, {**ov, "max_epochs": 3, "resume": True, "val_interval": 10})
     assert "resumed from" in proc.stdout and "[latents] encoded" not in proc.stdout
     state = torch.load(tmp / "models" / "checkpoint_diffusion.pt", weights_only=True)
     assert state["engine"]["epoch"] == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import overrides_for, run_bundle
+from tests.helpers import COMMON, overrides_for, run_bundle
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow is an optional dependency (requirements-dev.txt)")
 
@@ -12,8 +12,9 @@ mlflow = pytest.importorskip("mlflow", reason="mlflow is an optional dependency 
 def test_mlflow_tracking_of_both_stages(tmp_path):
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     track = {"tracking": "mlflow", "tracking_uri": store, "experiment_name": "ldm_test"}
-    run_bundle("configs/train_autoencoder.json", {**overrides_for(tmp_path, max_epochs=1, val_interval=1), **track})
-    run_bundle(["configs/train_autoencoder.json", "configs/train_diffusion.json"],
+    run_bundle([COMMON, "configs/train_autoencoder.json"],
+               {**overrides_for(tmp_path, max_epochs=1, val_interval=1), **track})
+    run_bundle([COMMON, "configs/train_diffusion.json"],
                {**overrides_for(tmp_path, stage2=True, max_epochs=1, val_interval=1, preview_steps=2,
                                 preview_num_samples=1), **track})
 

@@ -22,12 +22,12 @@ from scripts.autoencoders import (
 from scripts.handlers import CodebookUsage
 from scripts.losses import AutoencoderLoss
 from scripts.networks import AutoencoderReconstruction
-from tests.helpers import TINY, config_network, overrides_for, run_bundle
+from tests.helpers import COMMON, TINY, config_network, overrides_for, run_bundle
 
-VQ_TRAIN = ["configs/train_autoencoder.json", "configs/vqvae.json"]
-VQ_RECON = ["configs/inference_autoencoder.json", "configs/vqvae.json"]
-VQ_STAGE2 = ["configs/train_autoencoder.json", "configs/vqvae.json", "configs/train_diffusion.json"]
-VQ_GENERATE = ["configs/inference.json", "configs/vqvae.json"]
+VQ_TRAIN = [COMMON, "configs/train_autoencoder.json", "configs/vqvae.json"]
+VQ_RECON = [COMMON, "configs/inference_autoencoder.json", "configs/vqvae.json"]
+VQ_STAGE2 = [COMMON, "configs/train_diffusion.json", "configs/vqvae.json"]
+VQ_GENERATE = [COMMON, "configs/inference.json", "configs/vqvae.json"]
 TINY_VQ = {"vq_channels": [8, 8], "vq_num_embeddings": 16}
 CODEBOOK = "quantizer.quantizer.embedding.weight"  # state-dict key of the VQVAE's codebook
 

@@ -80,7 +80,8 @@ def generated_files(generated_dir: str | None, output_dir: str) -> list[Path]:
         runs = sorted(Path(output_dir).glob("generated_*"))
         if not runs:
             raise EvaluationError(f"no generated_* folder under '{output_dir}': generate first "
-                                  "(python -m monai.bundle run --config_file configs/inference.json) "
+                                  "(python -m monai.bundle run --config_file "
+                                  "\"['configs/common.json','configs/inference.json']\") "
                                   "or pass --generated_dir.")
         folder = runs[-1]
     files = sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIXES))
