@@ -147,20 +147,27 @@ def _config_list(files: Sequence[str]) -> str:
     return '"[' + ",".join(f"'{f}'" for f in files) + ']"'
 
 
+def config_strings(node: Any):
+    """Every string in a config tree (dict values and list items, recursively)."""
+    if isinstance(node, Mapping):
+        for value in node.values():
+            yield from config_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from config_strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def top_id(ref: str) -> str:
+    """The top-level id of a reference such as ``train#trainer``."""
+    return re.split(r"::|#", ref)[0]
+
+
 def _referenced_ids(config: Mapping[str, Any]) -> set[str]:
     """Top-level ids that ``config`` (its metadata excepted) references with ``@``."""
-    def strings(node: Any):
-        if isinstance(node, Mapping):
-            for value in node.values():
-                yield from strings(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from strings(value)
-        elif isinstance(node, str):
-            yield node
-
-    return {re.split(r"::|#", ref)[0] for key, value in config.items() if key != "_meta_"
-            for s in strings(value) for ref in ReferenceResolver.match_refs_pattern(s)}
+    return {top_id(ref) for key, value in config.items() if key != "_meta_"
+            for s in config_strings(value) for ref in ReferenceResolver.match_refs_pattern(s)}
 
 
 def check_layering(config: Mapping[str, Any], files: Sequence[str] = ()) -> None:

@@ -109,11 +109,19 @@ def run_bundle(config_files: str | list[str], overrides: dict, check: bool = Tru
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", subcommand, "--config_file", files]
     for k, v in overrides.items():
         cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return run_command(cmd, cwd, launcher is not None, check, timeout)
+
+
+def run_command(cmd: list[str], cwd: str | Path, launched: bool = False, check: bool = True,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``cmd`` (``[python, *args]``, or a launcher's command line when ``launched``) from ``cwd``, captured; a plain
+    Python command is forked from a pre-imported server (:mod:`tests.forked_python`), a launcher gets a real process.
+    With ``check``, a failure raises with the end of its output."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if launcher is None:  # forked from a pre-imported server: the same command without Python's start-up
-        proc = run_python(cmd[1:], cwd=cwd, timeout=timeout, env=env)
-    else:
+    if launched:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    else:
+        proc = run_python(cmd[1:], cwd=cwd, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

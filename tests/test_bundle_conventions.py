@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.properties import InferProperties, MetaProperties, TrainProperties
 from monai.bundle.reference_resolver import ReferenceResolver
 
+from scripts.checks import config_strings, top_id
 from tests.forked_python import run_python
 from tests.helpers import ROOT, fake_brats, metadata_schema, overrides_for
 
@@ -199,35 +200,20 @@ RUNTIME_SETTINGS = ("amp", "amp_dtype", "device")
 ALLOWED_UNREAD: dict[str, str] = {}
 
 
-def _top(ref: str) -> str:
-    return re.split(r"::|#", ref)[0]
-
-
-def _strings(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-    elif isinstance(node, str):
-        yield node
-
-
 def _read_ids(files) -> tuple[set[str], set[str]]:
     """(top-level ids, ids referenced by another top-level id) of the merged, macro-resolved config."""
     parser = ConfigParser(ConfigParser.load_config_files(files))
     parser.resolve_macro_and_relative_ids()
     config = parser.get()
-    read = {_top(ref) for key, value in config.items() for s in _strings(value)
-            for ref in ReferenceResolver.match_refs_pattern(s) if _top(ref) != key}
+    read = {top_id(ref) for key, value in config.items() for s in config_strings(value)
+            for ref in ReferenceResolver.match_refs_pattern(s) if top_id(ref) != key}
     return set(config), read
 
 
 def _property_ids(workflow_type: str) -> set[str]:
     """Top-level ids of MONAI's bundle properties of ``workflow_type`` (read through ``ConfigWorkflow``)."""
     properties = {**MetaProperties, **(TrainProperties if workflow_type == "train" else InferProperties)}
-    return {_top(p["id"]) for p in properties.values()}
+    return {top_id(p["id"]) for p in properties.values()}
 
 
 def _documented_net_ids() -> set[str]:

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from scripts import launch
-from tests.forked_python import run_python
-from tests.helpers import ROOT, TINY, TINY_DIFFUSION, torchrun
+from tests.helpers import ROOT, TINY, TINY_DIFFUSION, run_command, torchrun
 
 MAIN = str(ROOT / "main.py")
 STAGE1 = ["--base", "configs/train_autoencoder.json"]  # common.json put first by main.py
@@ -33,15 +32,7 @@ def tiny(tmp: Path, stage2: bool = False) -> list[str]:
 def run_main(args: list[str], cwd: Path, launcher: list[str] | None = None, check: bool = True,
              timeout: int = 900) -> subprocess.CompletedProcess:
     """``python main.py ...`` (or under ``launcher``) from ``cwd``, outside the bundle root as users may."""
-    cmd = [*(launcher or [sys.executable]), MAIN, *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if launcher is None:  # forked from a pre-imported server (tests/forked_python.py)
-        proc = run_python(cmd[1:], cwd=cwd, timeout=timeout, env=env)
-    else:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return run_command([*(launcher or [sys.executable]), MAIN, *args], cwd, launcher is not None, check, timeout)
 
 
 def only_run(logs: Path, name: str) -> Path:
