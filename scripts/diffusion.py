@@ -91,11 +91,11 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
 
     def __init__(self, noise_scheduler: nn.Module, scale_factor: float, latents: Callable | None = None,
                  condition_name: str | Sequence[str] | None = None) -> None:
-        super().__init__(num_train_timesteps=int(noise_scheduler.num_train_timesteps), condition_name=None)
+        super().__init__(num_train_timesteps=int(noise_scheduler.num_train_timesteps),
+                         condition_name=condition_name or None)
         self.noise_scheduler = noise_scheduler
         self.scale_factor = float(scale_factor)
         self.latents = PrepareLatents() if latents is None else latents
-        self.condition = condition_name or None
         self._generator: torch.Generator | None = None
 
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
@@ -125,6 +125,6 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         finally:
             self._generator = None
         infer_kwargs = {"noise": noise, "timesteps": timesteps}
-        if self.condition is not None:
-            infer_kwargs["condition"] = batch_condition(batchdata, self.condition, latents.device, non_blocking)
+        if self.condition_name is not None:
+            infer_kwargs["condition"] = batch_condition(batchdata, self.condition_name, latents.device, non_blocking)
         return latents, target, (), infer_kwargs

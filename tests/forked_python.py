@@ -45,8 +45,8 @@ def _child(args: Sequence[str], cwd: str, env: Mapping[str, str], out: str, err:
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # the process's own stdout
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
