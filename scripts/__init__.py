@@ -6,10 +6,11 @@ interface for the KL and VQ stage-1 networks: posterior, decoding, downsampling 
 ``losses``, ``engines`` (trainers), ``handlers`` (checkpoints, previews, progress, codebook usage), ``schedulers``
 (noise schedulers by name, sampling steps), ``diffusion`` (the stage-2 objective), ``sampling`` (the sampling loop
 and pipeline), ``records`` (the stage-2 training record), ``provenance`` (merged config, versions and hashes beside
-every run), ``generation``, ``reconstruction`` (stage-1 inference), ``distributed`` (torchrun/DDP), ``launch`` (the
-LDM-style ``main.py``), ``package`` (Model Zoo zip), ``evaluation`` (generation quality), ``checks`` (config
-validation, typed command-line values), ``nifti`` (NIfTI writing and affines), ``storage`` (atomic writes),
-``visualize`` (PNG figures), ``errors``.
+every run), ``generation``, ``controlnet`` and ``synthesis`` (label-map control: vocabulary, objective, image +
+label pairs), ``reconstruction`` (stage-1 inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style
+``main.py``), ``package`` (Model Zoo zip), ``evaluation`` (generation quality), ``checks`` (config validation,
+typed command-line values), ``nifti`` (NIfTI writing and affines), ``storage`` (atomic writes), ``visualize`` (PNG
+figures), ``errors``.
 
 Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
 ``python -m scripts.demo_data`` stays light.
@@ -23,9 +24,10 @@ from typing import Any
 from scripts.errors import install_error_summary
 
 __all__ = [
-    "autoencoders", "checks", "data", "demo", "demo_data", "diffusion", "distributed", "engines", "errors",
-    "evaluation", "generation", "handlers", "latents", "launch", "losses", "networks", "nifti", "package",
-    "provenance", "reconstruction", "records", "sampling", "schedulers", "storage", "visualize", "weights",
+    "autoencoders", "checks", "controlnet", "data", "demo", "demo_data", "diffusion", "distributed", "engines",
+    "errors", "evaluation", "generation", "handlers", "latents", "launch", "losses", "networks", "nifti", "package",
+    "provenance", "reconstruction", "records", "sampling", "schedulers", "storage", "synthesis", "visualize",
+    "weights",
 ]
 
 

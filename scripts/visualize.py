@@ -9,7 +9,7 @@ import numpy as np
 
 from scripts.storage import atomic_write
 
-__all__ = ["mid_slices", "montage", "plot_curves", "sample_grid"]
+__all__ = ["label_overlay_grid", "mid_slices", "montage", "plot_curves", "sample_grid"]
 
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -129,6 +129,60 @@ def sample_grid(
     if title:
         fig.suptitle(f"{title}  (each cell: axial | coronal | sagittal)", fontsize=10)
     fig.tight_layout(pad=0.3)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return rgb
+
+
+def label_overlay_grid(
+    items: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    classes: Mapping[int, str],
+    title: str | None = None,
+    columns: int | None = None,
+    tile_inches: float = 3.6,
+) -> np.ndarray:
+    """:func:`sample_grid` with label contours: each cell holds one image's mid-slices with the outline of each class
+    of its label map drawn over them (one colour per class, legend below). Written atomically as PNG.
+
+    Args:
+        items: (title, image, label) triples, ``(X, Y, Z)`` or ``(1, X, Y, Z)`` RAS volumes on the same grid.
+        path: PNG destination.
+        classes: ``{label value: class name}``.
+        title: figure title.
+        columns: cells per row (default ``ceil(sqrt(n))`` capped at 6).
+        tile_inches: width of one cell in inches.
+    """
+    plt = _pyplot()
+    items = list(items)
+    n = len(items)
+    columns = columns or min(6, max(1, int(np.ceil(np.sqrt(n)))))
+    rows = int(np.ceil(n / columns))
+    colours = plt.get_cmap("tab10")
+    tiles = [(_tile(image), _tile(label)) for _, image, label in items]
+    aspect = tiles[0][0].shape[0] / tiles[0][0].shape[1]
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(tile_inches * columns,
+                                      (tile_inches * aspect + 0.25) * rows + 0.4 + (0.4 if title else 0)))
+    for k, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        image, label = tiles[k]
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        for c, value in enumerate(classes):
+            mask = np.round(label) == int(value)
+            if mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=[colours(c % 10)], linewidths=0.7)
+        ax.set_title(items[k][0], fontsize=8, pad=2)
+    handles = [plt.Line2D([0], [0], color=colours(c % 10), lw=2) for c in range(len(classes))]
+    fig.legend(handles, list(classes.values()), loc="lower center", ncol=max(1, len(classes)), fontsize=8,
+               frameon=False)
+    if title:
+        fig.suptitle(f"{title}  (each cell: axial | coronal | sagittal; label outlines)", fontsize=10)
+    fig.tight_layout(pad=0.3, rect=(0, 0.05, 1, 1))
     fig.canvas.draw()
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
