@@ -24,7 +24,8 @@ from scripts.diffusion import LatentDiffusionPrepareBatch
 __all__ = [
     "check_controlnet_record", "CheckLabelsd", "class_probabilities", "ClassWeightedMSE", "control_check",
     "control_image", "controlnet_dataset", "ControlNetPrepareBatch", "ControlNetTrainingInferer",
-    "embedding_channels", "init_from_unet", "label_vocabulary", "null_control",
+    "embedding_channels", "init_from_unet", "label_vocabulary", "latent_control", "load_controlnet", "null_control",
+    "recorded_vocabulary",
 ]
 
 
@@ -119,6 +120,12 @@ def control_image(label: torch.Tensor, classes: Sequence[int], keep: torch.Tenso
     return channels
 
 
+def latent_control(control: torch.Tensor, latent_spatial: Sequence[int]) -> torch.Tensor:
+    """The control image at latent resolution, for ``concat`` mode: the fraction of each latent voxel's footprint
+    that each class covers, ``(B, classes, *latent_spatial)``."""
+    return nn.functional.adaptive_avg_pool3d(control.float(), tuple(int(s) for s in latent_spatial))
+
+
 def null_control(control: torch.Tensor, classes: Sequence[int], removed: Sequence[int] | None) -> torch.Tensor:
     """The unconditional branch of guidance on the control: the control with the channels of ``removed`` label
     values zeroed (the map without, e.g., its lesions, as MAISI does for tumours); ``None``: no control at all."""
@@ -151,20 +158,28 @@ class ControlNetPrepareBatch(LatentDiffusionPrepareBatch):
     """The stage-2 objective with a label-map control: :class:`LatentDiffusionPrepareBatch`'s ``(inputs, target, (),
     kwargs)`` plus ``kwargs["control"]``, the control image (:func:`control_image`) of the batch's label maps, with
     classes dropped per item with ``label_drop_prob`` and the whole control dropped with ``control_drop_prob``.
+    With ``as_condition`` (a UNet trained with the label map from the start), the control goes to latent resolution
+    (:func:`latent_control`) into the condition slot instead, concatenated to the UNet's input channels
+    (``kwargs["condition"]``, ``kwargs["mode"] = "concat"``).
 
     Args:
         label_classes: the vocabulary ``{index: name}``.
         label_key: batch key of the label maps ``(B, 1, *spatial)`` (image resolution).
         label_drop_prob: probability of removing a class from an item's control (a number, or ``{name: p}``).
         control_drop_prob: probability of removing an item's whole control (trains the unconditional branch).
+        as_condition: give the control as a concatenated condition at latent resolution (``concat`` mode).
         other arguments: see :class:`scripts.diffusion.LatentDiffusionPrepareBatch`.
     """
 
     def __init__(self, noise_scheduler: nn.Module, scale_factor: float, label_classes: Mapping[Any, str],
                  label_key: str = "label", label_drop_prob: float | Mapping[str, float] = 0.0,
-                 control_drop_prob: float = 0.1, latents: Callable | None = None,
+                 control_drop_prob: float = 0.1, as_condition: bool = False, latents: Callable | None = None,
                  condition_name: str | Sequence[str] | None = None) -> None:
+        if as_condition and condition_name:
+            raise ValueError(f"the label map takes the condition slot in concat mode; condition_name "
+                             f"{condition_name!r} cannot share it (set condition_name to null, or use the ControlNet).")
         super().__init__(noise_scheduler, scale_factor, latents=latents, condition_name=condition_name)
+        self.as_condition = bool(as_condition)
         self.classes = label_vocabulary(label_classes)
         self.label_key = label_key
         self.label_drop = class_probabilities(label_drop_prob, self.classes, "label_drop_prob")
@@ -189,7 +204,11 @@ class ControlNetPrepareBatch(LatentDiffusionPrepareBatch):
             keep = keep * (self._uniform((n, 1)) >= self.control_drop).float()
         finally:
             self._generator = None
-        infer_kwargs["control"] = self.last_control = control_image(label, list(self.classes), keep)
+        self.last_control = control_image(label, list(self.classes), keep)
+        if self.as_condition:
+            infer_kwargs.update(condition=latent_control(self.last_control, inputs.shape[2:]), mode="concat")
+        else:
+            infer_kwargs["control"] = self.last_control
         return inputs, target, args, infer_kwargs
 
 
@@ -290,6 +309,31 @@ def controlnet_dataset(posteriors: Sequence[Mapping], items: Sequence[Mapping], 
                         progress=False)
 
 
+def load_controlnet(controlnet: nn.Module | None, record: Mapping[str, Any], diffusion_path: str,
+                    controlnet_path: str) -> nn.Module | None:
+    """Check the ControlNet's record against the diffusion weights (:func:`check_controlnet_record`) and load its
+    weights; ``None`` (a UNet trained with the label map in concat mode) loads nothing."""
+    if controlnet is None:
+        return None
+    from scripts.weights import load_weights
+
+    check_controlnet_record(record, diffusion_path, controlnet_path)
+    return load_weights(controlnet, controlnet_path, what="ControlNet")
+
+
+def recorded_vocabulary(record: Mapping[str, Any], weights_path: str) -> dict[int, str]:
+    """The label vocabulary of trained weights, from their record.
+
+    Raises:
+        FileNotFoundError: no record beside the weights, naming the file to give.
+    """
+    if not getattr(record, "path", None) or "label_classes" not in record:
+        raise FileNotFoundError(f"no model_controlnet_record.json with label_classes beside {weights_path} "
+                                "(configs/train_controlnet.json writes it with the weights; it holds the label "
+                                "vocabulary); pass --controlnet_record_path.")
+    return label_vocabulary(record["label_classes"])
+
+
 def check_controlnet_record(record: Mapping[str, Any], diffusion_path: str, controlnet_path: str) -> bool:
     """Refuse a ControlNet without its record (the vocabulary) or one trained on other diffusion weights.
 
@@ -301,10 +345,7 @@ def check_controlnet_record(record: Mapping[str, Any], diffusion_path: str, cont
 
     from scripts.storage import file_sha256
 
-    if not getattr(record, "path", None):
-        raise FileNotFoundError(f"no model_controlnet_record.json beside {controlnet_path} (configs/"
-                                "train_controlnet.json writes it with the weights; it holds the label vocabulary); "
-                                "pass --controlnet_record_path.")
+    recorded_vocabulary(record, controlnet_path)
     expected = record.get("diffusion_sha256")
     if expected and Path(diffusion_path).is_file() and file_sha256(diffusion_path) != expected:
         raise ValueError(f"the ControlNet {controlnet_path} was trained on diffusion weights "

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scripts.controlnet import control_check, control_image, label_vocabulary, null_control
+from scripts.controlnet import control_check, control_image, label_vocabulary, latent_control, null_control
 from scripts.nifti import save_nifti
 from scripts.provenance import write_provenance
 from scripts.sampling import LatentDiffusionPipeline, initial_noise, reverse_process, sample_generators
@@ -81,15 +81,25 @@ def load_label_map(path: str, transform: Callable, spacing: Sequence[float],
 
 def controlled_denoiser(pipeline: LatentDiffusionPipeline, control: torch.Tensor, unconditional: torch.Tensor,
                         guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x, t) -> model output`` with the ControlNet following ``control``; with ``guidance_scale != 1``,
-    classifier-free guidance on the control, ``out(unconditional) + w * (out(control) - out(unconditional))``, the
-    two branches run as one batch (2 network calls a step)."""
+    """``(x, t) -> model output`` following ``control`` (image resolution): through the pipeline's ControlNet, or,
+    without one, as a condition concatenated at latent resolution (a UNet trained in ``concat`` mode). With
+    ``guidance_scale != 1``, classifier-free guidance on the control, ``out(unconditional) + w * (out(control) -
+    out(unconditional))``, the two branches run as one batch (2 network calls a step)."""
+    if pipeline.controlnet is None and pipeline.mode != "concat":
+        raise ValueError("label-map synthesis needs a ControlNet (pipeline#controlnet) or a UNet trained with the "
+                         "label map in concat mode (configs/inference_label_concat.json).")
+
+    def output(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if pipeline.controlnet is not None:
+            return pipeline._output(x, t, None, c)
+        return pipeline._output(x, t, latent_control(c, x.shape[2:]), None)
+
     if guidance_scale == 1.0:
-        return lambda x, t: pipeline._output(x, t, None, control)
+        return lambda x, t: output(x, t, control)
     both = torch.cat([unconditional, control])
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_null, out_control = pipeline._output(torch.cat([x, x]), torch.cat([t, t]), None, both).chunk(2)
+        out_null, out_control = output(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return out_null + guidance_scale * (out_control - out_null)
 
     return guided
@@ -157,8 +167,6 @@ def synthesize(
     from scripts.engines.base import autocast_context
     from scripts.visualize import label_overlay_grid
 
-    if pipeline.controlnet is None:
-        raise ValueError("synthesis needs a pipeline with a ControlNet (pipeline#controlnet).")
     classes = label_vocabulary(label_classes)
     names = {name: index for index, name in classes.items()}
     unknown = sorted(set(null_classes or []) - set(names))
@@ -167,7 +175,8 @@ def synthesize(
     removed = None if null_classes is None else [names[n] for n in null_classes]
     run_dir = new_run_dir(output_dir, "synthesis")
     for net in (pipeline.network, pipeline.controlnet, pipeline.autoencoder):
-        net.eval().to(device)
+        if net is not None:
+            net.eval().to(device)
     start = time.time()
     entries, panels = [], []
     bar = None
@@ -221,6 +230,7 @@ def synthesize(
     manifest = {
         **pipeline.describe(), "network_calls_per_step": 1 if float(control_guidance_scale) == 1.0 else 2,
         "control_guidance_scale": float(control_guidance_scale), "conditioning_scale": pipeline.conditioning_scale,
+        "label_control": "controlnet" if pipeline.controlnet is not None else "concat",
         "null_classes": None if null_classes is None else list(null_classes),
         "unconditional_branch": "no control" if null_classes is None else f"the map without {list(null_classes)}",
         "label_classes": {str(k): v for k, v in classes.items()}, "samples_per_map": int(samples_per_map),

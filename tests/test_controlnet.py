@@ -282,4 +282,45 @@ def test_synthesis_refuses_unknown_label_values_and_a_missing_record(trained, tm
     ov = overrides_for(tmp, generate=True, num_inference_steps=2, label_maps=[path],
                        controlnet_record_path=str(tmp_path / "nowhere.json"))
     proc = run_bundle(SYNTHESIS, ov, check=False)
-    assert proc.returncode != 0 and "no model_controlnet_record.json beside" in proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "no model_controlnet_record.json with label_classes beside" in proc.stdout + proc.stderr
+
+
+def test_concat_mode_gives_the_map_at_latent_resolution_through_the_condition_slot():
+    prepare = cn.ControlNetPrepareBatch(DDPMScheduler(num_train_timesteps=10), 1.0, CLASSES, control_drop_prob=0.0,
+                                        as_condition=True)
+    label = torch.zeros(2, 1, 8, 8, 8)
+    label[:, :, :4] = 1
+    label[:, :, 4:, :4] = 3
+    batch = {"z_mu": torch.zeros(2, 2, 4, 4, 4), "z_sigma": torch.zeros(2, 2, 4, 4, 4), "label": label}
+    _, _, _, kwargs = prepare(batch)
+    assert "control" not in kwargs and kwargs["mode"] == "concat"
+    assert kwargs["condition"].shape == (2, 3, 4, 4, 4)
+    torch.testing.assert_close(kwargs["condition"].sum(1)[:, :2], torch.ones(2, 2, 4, 4))  # brain half: fraction 1
+    assert float(kwargs["condition"][:, 2].mean()) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="the label map takes the condition slot in concat mode"):
+        cn.ControlNetPrepareBatch(DDPMScheduler(num_train_timesteps=10), 1.0, CLASSES, as_condition=True,
+                                  condition_name="age")
+
+
+def test_concat_mode_trains_and_synthesises(trained, tmp_path):
+    """The UNet trained with the label map from the start (concat mode) records its vocabulary, and synthesis from a
+    map runs without a ControlNet."""
+    tmp, _, _ = trained
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model_autoencoder.pt").write_bytes((tmp / "models" / "model_autoencoder.pt").read_bytes())
+    ov = overrides_for(tmp, stage2=True, max_epochs=1, val_interval=5, train_batch_size=2, val_batch_size=2,
+                       lr_warmup_iterations=2, ckpt_dir=str(models), output_dir=str(tmp_path / "outputs"))
+    run_bundle([*STAGE2, "configs/train_diffusion_label_concat.json"], ov)
+    record = json.loads((models / "model_record.json").read_text())
+    assert record["label_control"] == "concat" and record["label_classes"] == CLASSES
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert state["conv_in.conv.weight"].shape[1] == 4 + 3  # latent channels + one per class
+    label = str(tmp / "data" / json.loads((tmp / "data" / "datalist.json").read_text())["test"][0]["label"])
+    ov = overrides_for(tmp, generate=True, num_inference_steps=2, control_guidance_scale=2.0, label_maps=[label],
+                       ckpt_dir=str(models), output_dir=str(tmp_path / "outputs"))
+    run_bundle([*SYNTHESIS, "configs/inference_label_concat.json"], ov)
+    manifest = json.loads((max((tmp_path / "outputs").glob("synthesis_*")) / "manifest.json").read_text())
+    assert manifest["label_control"] == "concat" and manifest["controlnet"] is False
+    assert manifest["network_calls_per_step"] == 2 and len(manifest["samples"]) == 1
