@@ -324,3 +324,10 @@ def test_concat_mode_trains_and_synthesises(trained, tmp_path):
     manifest = json.loads((max((tmp_path / "outputs").glob("synthesis_*")) / "manifest.json").read_text())
     assert manifest["label_control"] == "concat" and manifest["controlnet"] is False
     assert manifest["network_calls_per_step"] == 2 and len(manifest["samples"]) == 1
+
+
+def test_metadata_states_the_configured_vocabulary():
+    metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    vocabulary = json.loads((ROOT / COMMON).read_text())["label_classes"]
+    channels = metadata["controlnet_data_format"]["inputs"]["label"]["channel_def"]
+    assert channels == {"0": "background", **vocabulary}
