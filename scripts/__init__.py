@@ -7,10 +7,10 @@ interface for the KL and VQ stage-1 networks: posterior, decoding, downsampling 
 (noise schedulers by name, sampling steps), ``diffusion`` (the stage-2 objective), ``sampling`` (the sampling loop
 and pipeline), ``records`` (the stage-2 training record), ``provenance`` (merged config, versions and hashes beside
 every run), ``generation``, ``controlnet`` and ``synthesis`` (label-map control: vocabulary, objective, image +
-label pairs), ``reconstruction`` (stage-1 inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style
-``main.py``), ``package`` (Model Zoo zip), ``evaluation`` (generation quality), ``checks`` (config validation,
-typed command-line values), ``nifti`` (NIfTI writing and affines), ``storage`` (atomic writes), ``visualize`` (PNG
-figures), ``errors``.
+label pairs), ``layout`` (3D box layouts: validation, rasterisation in mm or voxels), ``reconstruction`` (stage-1
+inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``), ``package`` (Model Zoo zip),
+``evaluation`` (generation quality), ``checks`` (config validation, typed command-line values), ``nifti`` (NIfTI
+writing and affines), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
 
 Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
 ``python -m scripts.demo_data`` stays light.
@@ -25,9 +25,9 @@ from scripts.errors import install_error_summary
 
 __all__ = [
     "autoencoders", "checks", "controlnet", "data", "demo", "demo_data", "diffusion", "distributed", "engines",
-    "errors", "evaluation", "generation", "handlers", "latents", "launch", "losses", "networks", "nifti", "package",
-    "provenance", "reconstruction", "records", "sampling", "schedulers", "storage", "synthesis", "visualize",
-    "weights",
+    "errors", "evaluation", "generation", "handlers", "latents", "launch", "layout", "losses", "networks", "nifti",
+    "package", "provenance", "reconstruction", "records", "sampling", "schedulers", "storage", "synthesis",
+    "visualize", "weights",
 ]
 
 
