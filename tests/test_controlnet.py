@@ -331,3 +331,30 @@ def test_metadata_states_the_configured_vocabulary():
     vocabulary = json.loads((ROOT / COMMON).read_text())["label_classes"]
     channels = metadata["controlnet_data_format"]["inputs"]["label"]["channel_def"]
     assert channels == {"0": "background", **vocabulary}
+
+
+def test_layout_boxes_painted_onto_a_base_map_generate_through_the_controlnet(trained, tmp_path):
+    """configs/inference_layout.json: a layout's lesion box (world mm) painted onto a base label map, generated
+    through the ControlNet; the instance map (one id per box) lies on the base map's grid and affine, and every
+    sample carries its box check."""
+    tmp, _, _ = trained
+    base = str(tmp / "data" / json.loads((tmp / "data" / "datalist.json").read_text())["test"][0]["label"])
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"space": "mm", "boxes": [
+        {"class": "lesion", "center": [0.0, 10.0, 5.0], "size": [9.0, 9.0, 9.0], "shape": "ellipsoid"}]}))
+    ov = overrides_for(tmp, generate=True, num_inference_steps=2, layouts=[str(layout)], paste_onto=base)
+    proc = run_bundle([*SYNTHESIS, "configs/inference_layout.json"], ov)
+    run = max((tmp / "outputs").glob("layout_*"))
+    instances = nib.load(run / "layout_0000_instances.nii.gz")
+    np.testing.assert_allclose(instances.affine, nib.load(base).affine, atol=1e-5)
+    assert set(np.unique(np.asarray(instances.dataobj))) == {0, 1}
+    assert json.loads((run / "layout_0000_instances.json").read_text())["instances"] == {"1": "lesion"}
+    painted = np.asarray(nib.load(run / "layout_0000_painted.nii.gz").dataobj)
+    assert (painted[np.asarray(instances.dataobj) == 1] == 3).all()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["samples"][0]["box_check"]["boxes"][0]["class"] == "lesion"
+    assert set(manifest["box_check_summary"]) == {"box_recall", "mean_iou", "samples_with_lesions_outside_boxes"}
+    assert "box recall" in proc.stdout
+    ov = overrides_for(tmp, generate=True, num_inference_steps=2, layouts=[str(layout)])
+    proc = run_bundle([*SYNTHESIS, "configs/inference_layout.json"], ov, check=False)
+    assert proc.returncode != 0 and "give --paste_onto <label map>" in proc.stdout + proc.stderr
