@@ -30,7 +30,8 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
-__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_layering", "check_overrides", "find_unknown_keys",
+__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_layering", "check_overrides", "common_default",
+           "find_unknown_keys",
            "typed_overrides"]
 
 #: the shared definitions, merged first by every workflow (relative to the bundle root, as the commands name it)
@@ -199,6 +200,20 @@ def check_layering(config: Mapping[str, Any], files: Sequence[str] = ()) -> None
                          f"({COMMON} defines {what} that the workflow reads).")
 
 
+def common_default(key: str) -> Any:
+    """The value of the top-level id ``key`` in this bundle's ``configs/common.json`` as written there, whichever the
+    working folder and whatever the merged workflow made of the id (generation's ``recipe``: the defaults for weights
+    without a training record).
+
+    Raises:
+        KeyError: ``common.json`` has no id ``key``; the message names the file.
+    """
+    common = ConfigParser.load_config_file(str(COMMON_PATH))
+    if key not in common:
+        raise KeyError(f"{COMMON_PATH} has no id '{key}'; fix the config that asks for it.")
+    return common[key]
+
+
 def _default(config: Any, key: str, depth: int = 0) -> Any:
     """The value ``key`` has in ``config`` (macros resolved), following plain ``@id`` references."""
     node = config
@@ -219,8 +234,8 @@ def typed_overrides(config_files: Sequence[str], overrides: Mapping[str, Any]) -
     boolean (``'false'`` -> ``False``, by :func:`as_bool`); expressions (``$...``, ``@id``) and every other value
     pass unchanged.
 
-    Keys that do not exist are left to :func:`find_unknown_keys`. Run from the bundle root (the config paths and
-    the few remaining macros, e.g. ``inference.json#recipe``, resolve from there).
+    Keys that do not exist are left to :func:`find_unknown_keys`. Relative config paths (and the overlays' macros)
+    resolve from the working folder.
 
     Raises:
         ValueError: a key of :data:`REFUSED` (computed by the workflow), or a boolean key given another text;
