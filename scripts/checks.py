@@ -30,9 +30,8 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
-__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_layering", "check_overrides", "common_default",
-           "find_unknown_keys",
-           "typed_overrides"]
+__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_known_keys", "check_layering", "check_overrides",
+           "common_default", "find_unknown_keys", "typed_overrides"]
 
 #: the shared definitions, merged first by every workflow (relative to the bundle root, as the commands name it)
 COMMON = "configs/common.json"
@@ -124,6 +123,22 @@ def _exists(config: Any, key: str) -> bool:
         else:
             return False
     return True
+
+
+def check_known_keys(config_files: Sequence[str], keys: Sequence[str], prefix: str = "--") -> None:
+    """Refuse an override key that the merged config files do not define.
+
+    Raises:
+        KeyError: naming the first unknown key (written ``<prefix><key>``) and the closest known ones.
+    """
+    unknown = find_unknown_keys(config_files, keys)
+    if unknown:
+        key, close = unknown[0]
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(
+            f"unknown config key '{prefix}{key}': no config file in {list(config_files)} defines it.{hint} "
+            "Fix the override (nested keys are joined with '#')."
+        )
 
 
 def _all_keys(config: Any, prefix: str = "") -> list[str]:
@@ -317,14 +332,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> bool:
         check_layering(ConfigParser.load_config_files(list(files)), files)
     if not files or not overrides:
         return True
-    unknown = find_unknown_keys(files, list(overrides))
-    if unknown:
-        key, close = unknown[0]
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(
-            f"unknown config key '--{key}': no config file in {files} defines it.{hint} "
-            "Fix the override (nested keys are joined with '#')."
-        )
+    check_known_keys(files, list(overrides))
     if resolver is not None:  # the values as MONAI received them (python-fire has parsed numbers and lists)
         overrides = {k: resolver.items[resolver.normalize_id(k)].get_config() for k in overrides}
     for key, value in typed_overrides(files, overrides).items():

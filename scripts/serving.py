@@ -17,7 +17,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 import scripts
-from scripts.checks import COMMON
+from scripts.checks import COMMON, check_known_keys
 
 __all__ = ["SERVED_WORKFLOWS", "served_config"]
 
@@ -34,14 +34,18 @@ def served_config(task: str, overrides: Mapping[str, Any] | None = None) -> Conf
             (e.g. ``{"bundle_root": "/models/tiny", "sampler": "ddim"}``).
 
     Raises:
-        KeyError: an unknown task, naming the known ones.
+        KeyError: an unknown task, naming the known ones; an override that no config file of the task defines (as
+            ``monai.bundle run`` refuses it), naming the closest ids.
         FileNotFoundError, ValueError: from ``initialize`` (missing weights, weights of another network), one line each.
     """
     if task not in SERVED_WORKFLOWS:
         raise KeyError(f"no served task '{task}'; choose one of {sorted(SERVED_WORKFLOWS)}.")
     root = Path(scripts.BUNDLE_ROOT)
+    files = [str(root / COMMON), str(root / SERVED_WORKFLOWS[task])]
+    overrides = dict(overrides or {})
+    check_known_keys(files, list(overrides), prefix=f"{task} override ")
     parser = ConfigParser()
-    parser.read_config([str(root / COMMON), str(root / SERVED_WORKFLOWS[task])])
-    parser.update(dict(overrides or {}))
+    parser.read_config(files)
+    parser.update(overrides)
     parser.get_parsed_content("initialize")
     return parser

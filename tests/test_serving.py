@@ -172,3 +172,11 @@ def test_served_forward_passes_import_nothing(bundle, tmp_path, monkeypatch):
     with torch.no_grad():
         assert run_recon(reference).shape == reference.shape
         assert sample_like(pipeline, latent_shape, reference, seed=0).shape == reference.shape
+
+
+def test_a_served_override_that_no_config_defines_is_refused():
+    """As `monai.bundle run` refuses it: MONAI Label's --conf overrides are checked against the task's configs."""
+    with pytest.raises(KeyError, match=r"unknown config key 'generation override num_workers': no config file"):
+        served_config("generation", {"num_workers": 0})
+    with pytest.raises(KeyError, match=r"no served task 'segmentation'"):
+        served_config("segmentation")
