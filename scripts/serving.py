@@ -18,6 +18,7 @@ from monai.bundle import ConfigParser
 
 import scripts
 from scripts.checks import COMMON, check_known_keys
+from scripts.errors import bundle_cause
 
 __all__ = ["SERVED_WORKFLOWS", "served_config"]
 
@@ -36,7 +37,8 @@ def served_config(task: str, overrides: Mapping[str, Any] | None = None) -> Conf
     Raises:
         KeyError: an unknown task, naming the known ones; an override that no config file of the task defines (as
             ``monai.bundle run`` refuses it), naming the closest ids.
-        FileNotFoundError, ValueError: from ``initialize`` (missing weights, weights of another network), one line each.
+        FileNotFoundError, ValueError: from ``initialize`` (missing weights, weights of another network, a sampler
+            the model cannot use), the bundle's own one-line error rather than MONAI's wrapper of it.
     """
     if task not in SERVED_WORKFLOWS:
         raise KeyError(f"no served task '{task}'; choose one of {sorted(SERVED_WORKFLOWS)}.")
@@ -47,5 +49,11 @@ def served_config(task: str, overrides: Mapping[str, Any] | None = None) -> Conf
     parser = ConfigParser()
     parser.read_config(files)
     parser.update(overrides)
-    parser.get_parsed_content("initialize")
+    try:
+        parser.get_parsed_content("initialize")
+    except Exception as e:
+        cause = bundle_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
     return parser

@@ -18,9 +18,11 @@ from scripts.serving import served_config
 from scripts.weights import load_weights
 from tests.helpers import COMMON, ROOT, TINY, TINY_DIFFUSION
 
-#: tiny networks on 32^3 volumes (latents 4 x 8^3), two sampling steps
-TINY_SERVED = {**{k: v for k, v in TINY.items() if k != "train_patch_size"}, **TINY_DIFFUSION,
-               "num_inference_steps": 2, "scale_factor": 1.0, "amp": False}
+#: tiny networks on 32^3 volumes (latents 4 x 8^3), float32
+TINY_SERVED = {**{k: v for k, v in TINY.items() if k not in ("train_patch_size", "num_workers")}, **TINY_DIFFUSION,
+               "amp": False}
+#: and for generation (weights without a training record): two sampling steps
+GENERATION = {"num_inference_steps": 2, "scale_factor": 1.0}
 
 
 def _save_weights(root, seed: int = 0) -> None:
@@ -76,7 +78,7 @@ def test_every_served_network_takes_its_weight_file_strictly(tmp_path, overlay):
                                                   "export_decoder_def": "autoencoder_def"})):
         parser = ConfigParser()
         parser.read_config([str(ROOT / COMMON), str(ROOT / "configs" / workflow), *overlays])
-        parser.update({**TINY_SERVED})
+        parser.update({**TINY_SERVED, **GENERATION})
         for net_id, source_id in net_ids.items():
             network = parser.get_parsed_content(net_id)
             source = ConfigParser(parser.get()).get_parsed_content(source_id).state_dict()
@@ -129,8 +131,8 @@ def test_generation_on_a_reference_grid_is_the_bundles_sample(bundle, tmp_path):
     of the preprocessed reference, then back on the reference's own grid."""
     path = tmp_path / "reference.nii.gz"
     affine = _crop(path)
-    parser = served_config("generation", {**bundle, "noise_scheduler_type": "ddpm", "sampler": "ddim", "seed": 3,
-                                          "num_samples": 1})
+    parser = served_config("generation", {**bundle, **GENERATION, "noise_scheduler_type": "ddpm", "sampler": "ddim",
+                                          "seed": 3, "num_samples": 1})
     pipeline, latent_shape = parser.get_parsed_content("pipeline"), parser.get_parsed_content("latent_shape")
     out = _serve(parser, {"image": str(path), "image_path": str(path)},
                  lambda ref: sample_like(pipeline, latent_shape, ref, seed=3))
@@ -154,7 +156,7 @@ def test_served_forward_passes_import_nothing(bundle, tmp_path, monkeypatch):
     path = tmp_path / "crop.nii.gz"
     _crop(path)
     recon = served_config("reconstruction", bundle)
-    generation = served_config("generation", bundle)
+    generation = served_config("generation", {**bundle, **GENERATION})
     run_recon = _reconstruct(recon)
     pipeline, latent_shape = generation.get_parsed_content("pipeline"), generation.get_parsed_content("latent_shape")
     reference = recon.get_parsed_content("preprocessing")({"image": str(path)})["image"]
@@ -180,3 +182,11 @@ def test_a_served_override_that_no_config_defines_is_refused():
         served_config("generation", {"num_workers": 0})
     with pytest.raises(KeyError, match=r"no served task 'segmentation'"):
         served_config("segmentation")
+
+
+def test_a_sampler_the_model_cannot_use_is_refused_in_one_line(bundle):
+    """A served request's sampler goes through the workflow's own check; the error is the bundle's line, not MONAI's
+    'Failed to evaluate' wrapper."""
+    with pytest.raises(ValueError, match=r"^sampler='ddim' cannot sample a model trained with noise_scheduler_type="
+                                         r"'rflow'; use --sampler rflow\.$"):
+        served_config("generation", {**bundle, **GENERATION, "sampler": "ddim"})

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.inferers import Inferer
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
@@ -127,7 +128,10 @@ class GenerationTask(_WorkflowTask):
         key = (sampler, steps)
         if key not in self._pipelines:
             overrides = {**self.overrides, "sampler": sampler, **({"num_inference_steps": steps} if steps else {})}
-            parser = served_config("generation", overrides) if overrides != self.overrides else self.parser
+            try:
+                parser = served_config("generation", overrides) if overrides != self.overrides else self.parser
+            except (KeyError, ValueError) as e:  # e.g. a sampler the model cannot use: one line, for the client
+                raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(e).strip("'\"")) from None
             self._pipelines[key] = (parser.get_parsed_content("pipeline"), parser.get_parsed_content("latent_shape"))
         return self._pipelines[key]
 

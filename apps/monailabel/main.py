@@ -3,7 +3,7 @@
 
 Start it from any folder (see README.md beside this file)::
 
-    monailabel start_server --app <bundle>/apps/monailabel --studies <images folder> \\
+    <venv>/bin/python -m monailabel.main start_server --app <bundle>/apps/monailabel --studies <images folder> \\
         --conf models reconstruction,generation --conf overrides '{"bundle_root": "/path/with/models"}'
 
 ``--conf`` keys: ``models`` (the tasks to serve, comma-separated; default both), ``overrides`` (a JSON object of
