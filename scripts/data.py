@@ -1,4 +1,4 @@
-"""Datalists, the one transform we add to MONAI's, and batch preparation.
+"""Datalists, the two transforms we add to MONAI's, and batch preparation.
 
 The preprocessing chain itself is wired in ``configs/common.json`` from MONAI transforms; this module holds
 the logic the config calls: finding the datalist (the embedded demo data when the user names none), checking
@@ -14,13 +14,14 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai import transforms as mt
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
 from monai.engines.utils import PrepareBatch
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys
 
-__all__ = ["PrepareImage", "SelectChanneld", "check_readable", "load_datalist", "resolve_datalist"]
+__all__ = ["PrepareImage", "SelectChanneld", "Spacingd", "check_readable", "load_datalist", "resolve_datalist"]
 
 DATALIST_NAMES = ("datalist.json", "dataset.json")
 
@@ -203,6 +204,25 @@ class SelectChanneld(MapTransform):
                 raise ValueError(f"'{key}' has {img.shape[0]} channel(s); cannot select channel {self.channel}.")
             d[key] = img[self.channel : self.channel + 1]
         return d
+
+
+class Spacingd(mt.Spacingd):
+    """MONAI's ``Spacingd`` (same arguments, same inverse for ``Invertd``) that leaves the item's other entries alone.
+
+    MONAI 1.6's ``Spacingd`` calls ``.update()`` on every ``<key>_*`` entry of a NIfTI item, taking each for a
+    metadata dictionary, so an item with a string such as MONAI Label's ``image_path`` fails with ``'str' object has
+    no attribute 'update'``. Here entries ``<key>_*`` that are not dictionaries are set aside during the resampling
+    and put back unchanged.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = set(self.keys)
+        aside = {k: d.pop(k) for k in list(d) if isinstance(k, str) and k not in keys and not isinstance(d[k], Mapping)
+                 and any(k.startswith(f"{key}_") for key in keys)}
+        out = super().__call__(d, lazy=lazy)
+        out.update(aside)
+        return out
 
 
 class PrepareImage(PrepareBatch):
