@@ -99,3 +99,34 @@ def test_best_score_survives_resume(stage1):
     once = torch.load(tmp / "once" / "models" / "checkpoint_autoencoder.pt", weights_only=True)["best_weights"]
     resumed = torch.load(tmp / "resumed" / "models" / "checkpoint_autoencoder.pt", weights_only=True)["best_weights"]
     assert resumed == once and once["best_score"] is not None and 1 <= once["best_epoch"] <= 3
+
+
+@pytest.mark.parametrize("iteration, completed", [(6, 2), (4, 1)])
+def test_sigterm_on_an_epoch_boundary_or_mid_epoch_records_the_completed_epochs(tmp_path, iteration, completed):
+    """SIGTERM during the last iteration of epoch 2 saves 2 completed epochs; during the first of epoch 2, 1."""
+    import os
+    import signal
+
+    from ignite.engine import Events
+
+    from scripts.engines import AutoencoderTrainer
+    from scripts.handlers import TrainingCheckpoint
+    from scripts.losses import AutoencoderLoss
+    from tests.helpers import TWO_LEVEL_AUTOENCODER, config_network
+
+    ae = config_network("autoencoder_def", TWO_LEVEL_AUTOENCODER, seed=0)
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        ckpt = TrainingCheckpoint(str(tmp_path), {"autoencoder": ae, "g_optimizer": opt}, save_interval=0)
+        trainer = AutoencoderTrainer(device="cpu", max_epochs=5, g_network=ae, g_optimizer=opt,
+                                     train_data_loader=[{"image": torch.rand(1, 1, 16, 16, 16)}] * 3,
+                                     loss_function=AutoencoderLoss(), train_handlers=[ckpt])
+        trainer.add_event_handler(Events.ITERATION_STARTED(once=iteration),
+                                  lambda _: os.kill(os.getpid(), signal.SIGTERM))
+        trainer.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        TrainingCheckpoint.stopped_by = None
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["engine"]
+    assert saved == {"epoch": completed, "iteration": iteration, "epoch_length": 3}
