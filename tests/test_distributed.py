@@ -58,14 +58,16 @@ def test_scaled_learning_rate_in_checkpoint(ddp_stage1):
     assert state["engine"]["epoch"] == 2 and state["engine"]["iteration"] == 6  # 3 iterations per rank per epoch
 
 
-def test_validation_metric_is_reduced_over_both_ranks(ddp_stage1):
+def test_validation_metric_is_reduced_over_both_ranks(ddp_stage1, tmp_path):
     """Each rank validates one of the 2 validation volumes; the logged PSNR is the mean over both, as a
     single-process reconstruction of the validation split with the final weights measures it."""
     tmp, proc = ddp_stage1
     logged = re.findall(r"Epoch\[2\] Metrics -- .*?val_psnr: ([0-9.]+)", proc.stdout + proc.stderr)
     assert len(logged) == 1  # rank 0 logs, once
-    run_bundle([COMMON, "configs/inference_autoencoder.json"], overrides_for(tmp, infer=True, split="validation"))
-    summary = json.loads(next((tmp / "outputs").glob("reconstruction_*/summary.json")).read_text())
+    # written outside the fixture's folder, whose single run folder another test counts
+    run_bundle([COMMON, "configs/inference_autoencoder.json"],
+               overrides_for(tmp, infer=True, split="validation", output_dir=str(tmp_path / "outputs")))
+    summary = json.loads(next((tmp_path / "outputs").glob("reconstruction_*/summary.json")).read_text())
     assert summary["num_volumes"] == 2
     assert float(logged[0]) == pytest.approx(summary["psnr"]["mean"], abs=1e-3)
 
