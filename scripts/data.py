@@ -209,29 +209,34 @@ def _nifti_bytes(img: Any) -> int:
     count = 1
     for n in img.shape:
         count *= int(n)
-    return int(header.get_data_offset()) + count * header.get_data_dtype().itemsize
+    offset = getattr(img.dataobj, "offset", None)  # where the data starts on disk (the loaded header says 0)
+    return int(header.get_data_offset() if offset is None else offset) + count * header.get_data_dtype().itemsize
 
 
 def _nifti_held_bytes(path: str, needed: int) -> int:
     """Uncompressed bytes the file holds, read cheaply: the file size of a ``.nii``; for a ``.nii.gz`` the gzip
-    trailer's size (modulo 2^32), or, when that disagrees with ``needed``, the bytes a full decompression yields
-    before the stream ends or breaks."""
+    trailer's size (modulo 2^32), or, when that disagrees with ``needed``, the bytes a streaming decompression of
+    every gzip member yields before the data ends or breaks."""
     if not path.endswith(".gz"):
         return os.path.getsize(path)
-    import gzip
+    import zlib
 
     with open(path, "rb") as f:
         f.seek(-4, os.SEEK_END)
         trailer = int.from_bytes(f.read(4), "little")
-    if trailer == needed % 2**32:
-        return needed
-    held = 0
-    try:
-        with gzip.open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                held += len(chunk)
-    except (OSError, EOFError, ValueError):
-        pass  # the stream ends early or is corrupt: what was read is what the file holds
+        if trailer == needed % 2**32:
+            return needed
+        f.seek(0)
+        held, stream = 0, zlib.decompressobj(16 + zlib.MAX_WBITS)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            while chunk:
+                try:
+                    held += len(stream.decompress(chunk))
+                except zlib.error:
+                    return held  # corrupt from here on: what was decoded is what the file holds
+                chunk = stream.unused_data if stream.eof else b""
+                if stream.eof:  # a further gzip member follows
+                    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
     return held
 
 

@@ -221,3 +221,29 @@ def test_corrupt_latent_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
         assert all(torch.equal(a["z_mu"], b["z_mu"]) for a, b in zip(rebuilt, good, strict=True))
     latents()
     assert "encoded" not in capsys.readouterr().out  # a sound cache is used as it is
+
+
+def test_image_check_reads_only_the_header_and_gzip_trailer_of_a_sound_file(data, tmp_path, monkeypatch):
+    """A sound .nii.gz is accepted from its header and gzip trailer (start-up stays fast for thousands of files);
+    a file in several gzip members is decompressed to be sure, and one 10 bytes short is refused."""
+    import gzip
+    import zlib
+
+    from scripts.data import check_readable
+
+    good = data / json.loads((data / "datalist.json").read_text())["training"][0]["image"]
+    raw = gzip.decompress(good.read_bytes())
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:-10]))
+    check_readable(tmp_path / "members.nii.gz")
+    with pytest.raises(ValueError, match=rf"short.nii.gz' is truncated: its header implies {len(raw)} bytes, the "
+                                         rf"file holds {len(raw) - 10}"):
+        check_readable(tmp_path / "short.nii.gz")
+    decompressobj = zlib.decompressobj
+
+    def header_only(*args, **kwargs):  # gzip reads the header with raw deflate; the full check asks for gzip format
+        assert args[:1] != (16 + zlib.MAX_WBITS,), "a sound file was decompressed in full"
+        return decompressobj(*args, **kwargs)
+
+    monkeypatch.setattr(zlib, "decompressobj", header_only)
+    check_readable(good)
