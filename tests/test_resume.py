@@ -55,9 +55,9 @@ def _stage(tmp: Path, name: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """Stage 1 trained for 3 epochs at once, and for 2 then resumed for 1 (adversarial from epoch 2, validation
-    and best model every epoch, a cosine schedule over 3 epochs)."""
+    and best model at epoch 2, a cosine schedule over 3 epochs)."""
     tmp = tmp_path_factory.mktemp("resume1")
-    settings = dict(val_interval=1, save_interval=1, train_batch_size=2, adversarial_weight=0.01,
+    settings = dict(val_interval=2, save_interval=1, train_batch_size=2, adversarial_weight=0.01,
                     adversarial_warmup_epochs=1, **{"g_lr_scheduler#T_max": 3})
     run_bundle(STAGE1, _stage(tmp, "once", max_epochs=3, **settings))
     run_bundle(STAGE1, _stage(tmp, "resumed", max_epochs=2, **settings))
@@ -81,7 +81,7 @@ def test_stage1_resume_equals_an_uninterrupted_run(stage1):
 
 def test_stage2_resume_equals_an_uninterrupted_run(stage1):
     tmp, _ = stage1
-    settings = dict(val_interval=1, save_interval=1, preview_num_samples=0, train_batch_size=2,
+    settings = dict(val_interval=100, save_interval=1, preview_num_samples=0, train_batch_size=2,
                     load_autoencoder_path=str(tmp / "once" / "models" / "model_autoencoder.pt"))
     run_bundle(STAGE2, _stage(tmp, "once", stage2=True, max_epochs=3, **settings))
     run_bundle(STAGE2, _stage(tmp, "resumed", stage2=True, max_epochs=2, **settings))
@@ -94,11 +94,12 @@ def test_stage2_resume_equals_an_uninterrupted_run(stage1):
 
 
 def test_best_score_survives_resume(stage1):
-    """The first validation after a resume replaces the best model only if it beats the interrupted run's best."""
+    """The best score of the interrupted run is restored, not reset (that a resumed run's validation then replaces
+    the best model only with a better score: test_stage2_units)."""
     tmp, _ = stage1
     once = torch.load(tmp / "once" / "models" / "checkpoint_autoencoder.pt", weights_only=True)["best_weights"]
     resumed = torch.load(tmp / "resumed" / "models" / "checkpoint_autoencoder.pt", weights_only=True)["best_weights"]
-    assert resumed == once and once["best_score"] is not None and 1 <= once["best_epoch"] <= 3
+    assert resumed == once and once["best_score"] is not None and once["best_epoch"] == 2
 
 
 @pytest.mark.parametrize("iteration, completed", [(6, 2), (4, 1)])
