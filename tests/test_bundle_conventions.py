@@ -21,6 +21,9 @@ COMMON, TRAIN_AE, TRAIN_DIFF = "configs/common.json", "configs/train_autoencoder
 INFER_AE, GENERATE, EVALUATE = "configs/inference_autoencoder.json", "configs/inference.json", "configs/evaluate.json"
 VQVAE, BRATS = "configs/vqvae.json", "configs/brats.json"
 MULTI_AE, MULTI_DIFF = "configs/multi_gpu_train_autoencoder.json", "configs/multi_gpu_train_diffusion.json"
+TRAIN_CN, INFER_CN = "configs/train_controlnet.json", "configs/inference_controlnet.json"
+TRAIN_CONCAT, INFER_CONCAT = "configs/train_diffusion_label_concat.json", "configs/inference_label_concat.json"
+INFER_LAYOUT = "configs/inference_layout.json"
 
 #: the workflow configs, each merged after common.json (the overlays come after them)
 WORKFLOW_CONFIGS = [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE]
@@ -50,7 +53,14 @@ ALL_WORKFLOWS = {
     "multi_gpu_stage1": ([COMMON, TRAIN_AE, MULTI_AE], "train", "train"),
     "multi_gpu_stage2": ([COMMON, TRAIN_DIFF, MULTI_DIFF], "train", "stage2"),
     "multi_gpu_stage2_after_stage1": ([COMMON, TRAIN_AE, TRAIN_DIFF, MULTI_AE, MULTI_DIFF], "train", "stage2"),
+    "controlnet": ([COMMON, TRAIN_DIFF, TRAIN_CN], "train", "stage2"),
+    "label_concat_stage2": ([COMMON, TRAIN_DIFF, TRAIN_CONCAT], "train", "stage2"),
+    "synthesis": ([COMMON, GENERATE, INFER_CN], "infer", "generate"),
+    "synthesis_concat": ([COMMON, GENERATE, INFER_CN, INFER_CONCAT], "infer", "generate"),
+    "layout": ([COMMON, GENERATE, INFER_CN, INFER_LAYOUT], "infer", "generate"),
 }
+#: label-map workflows read the vocabulary and the UNet they build on from the records of earlier trainings
+LABEL_RECORDS = {TRAIN_CN, INFER_CN}
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +123,19 @@ def _save_untrained_autoencoder(wf, models: Path) -> None:
     torch.save(parser.get_parsed_content("autoencoder_def").state_dict(), models / "model_autoencoder.pt")
 
 
+def _save_label_records(wf, models: Path) -> None:
+    """The records the label-map workflows read: the stage-2 UNet (untrained) with its record, and the ControlNet's
+    record with the vocabulary (the concat UNet's record holds it too)."""
+    parser = ConfigParser(wf.parser.get())
+    parser.parse()
+    models.mkdir(parents=True, exist_ok=True)
+    vocabulary = parser["label_classes"] if isinstance(parser["label_classes"], dict) else {"1": "brain"}
+    torch.save({}, models / "model_ema.pt")
+    (models / "model_record.json").write_text(json.dumps({"scale_factor": 1.0, "label_classes": vocabulary}))
+    (models / "model_controlnet_record.json").write_text(json.dumps({"label_classes": vocabulary,
+                                                                       "controlnet_embedding_width": 16}))
+
+
 @pytest.mark.parametrize("name", list(ALL_WORKFLOWS))
 def test_every_workflow_passes_check_properties(name, data, tmp_path, request):
     """MONAI's required properties of each workflow's type exist and resolve (train: trainer, datasets, handlers
@@ -134,6 +157,8 @@ def test_every_workflow_passes_check_properties(name, data, tmp_path, request):
                         workflow_type=workflow_type, bundle_root=str(tmp_path), **ov)
     if kind == "stage2":
         _save_untrained_autoencoder(wf, tmp_path / "models")
+    if LABEL_RECORDS & set(files):
+        _save_label_records(wf, tmp_path / "models")
     wf.parser.parse()  # properties are checked on the parsed config; the initialize expressions need weights
     wf._is_initialized = True
     assert wf.check_properties() == []
@@ -239,7 +264,7 @@ def test_launcher_keys_are_read_by_the_launcher():
 
 
 @pytest.mark.parametrize("config_file", [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE, VQVAE, BRATS, MULTI_AE,
-                                         MULTI_DIFF])
+                                         MULTI_DIFF, TRAIN_CN, INFER_CN, TRAIN_CONCAT, INFER_CONCAT, INFER_LAYOUT])
 def test_every_id_a_config_defines_is_read_by_a_workflow_using_it(config_file):
     """Each top-level id a config file defines (not a nested '#' edit of an overlay) is referenced by another id in
     some workflow that merges the file, or is an entry point, a MONAI property of that workflow's type, a key main.py

@@ -358,3 +358,16 @@ def test_layout_boxes_painted_onto_a_base_map_generate_through_the_controlnet(tr
     ov = overrides_for(tmp, generate=True, num_inference_steps=2, layouts=[str(layout)])
     proc = run_bundle([*SYNTHESIS, "configs/inference_layout.json"], ov, check=False)
     assert proc.returncode != 0 and "give --paste_onto <label map>" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overlay", ["configs/train_controlnet.json", "configs/train_diffusion_label_concat.json"])
+def test_overlays_edit_the_handlers_they_mean(overlay):
+    """The label-map overlays edit stage 2's handlers by position: the positions still hold those handlers."""
+    parser = ConfigParser(ConfigParser.load_config_files([str(ROOT / f) for f in [*STAGE2, overlay]]))
+    edits = [k for k in json.loads((ROOT / overlay).read_text()) if "#handlers#" in k]
+    expected = {"train#handlers#3": "scripts.handlers.TrainingCheckpoint",
+                "train#handlers#6": "scripts.handlers.LossCurves", "train#handlers#7": "scripts.handlers.ProgressBar",
+                "validate#handlers#3": "scripts.handlers.SamplePreview"}
+    for key in edits:
+        position = "#".join(key.split("#")[:3])
+        assert parser[f"{position}#_target_"] == expected[position], key
