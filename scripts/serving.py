@@ -22,12 +22,14 @@ from scripts.errors import bundle_cause
 
 __all__ = ["SERVED_WORKFLOWS", "served_config"]
 
-#: served task -> the workflow config merged after configs/common.json
-SERVED_WORKFLOWS = {"reconstruction": "configs/inference_autoencoder.json", "generation": "configs/inference.json"}
+#: served task -> the workflow configs merged after configs/common.json
+SERVED_WORKFLOWS = {"reconstruction": ["configs/inference_autoencoder.json"], "generation": ["configs/inference.json"],
+                    "synthesis": ["configs/inference.json", "configs/inference_controlnet.json"]}
 
 
 def served_config(task: str, overrides: Mapping[str, Any] | None = None) -> ConfigParser:
-    """The parsed config of a served task (``reconstruction`` or ``generation``), its ``initialize`` steps run.
+    """The parsed config of a served task (``reconstruction``, ``generation`` or ``synthesis`` from a label map), its
+    ``initialize`` steps run.
 
     Args:
         task: a key of :data:`SERVED_WORKFLOWS`.
@@ -43,7 +45,7 @@ def served_config(task: str, overrides: Mapping[str, Any] | None = None) -> Conf
     if task not in SERVED_WORKFLOWS:
         raise KeyError(f"no served task '{task}'; choose one of {sorted(SERVED_WORKFLOWS)}.")
     root = Path(scripts.BUNDLE_ROOT)
-    files = [str(root / COMMON), str(root / SERVED_WORKFLOWS[task])]
+    files = [str(root / COMMON), *(str(root / f) for f in SERVED_WORKFLOWS[task])]
     overrides = dict(overrides or {})
     check_known_keys(files, list(overrides), prefix=f"{task} override ")
     parser = ConfigParser()

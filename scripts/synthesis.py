@@ -19,7 +19,8 @@ from scripts.provenance import write_provenance
 from scripts.sampling import LatentDiffusionPipeline, initial_noise, reverse_process, sample_generators
 from scripts.storage import atomic_write_json, file_sha256, new_run_dir
 
-__all__ = ["box_check", "controlled_denoiser", "label_items", "load_label_map", "synthesize", "synthesize_layouts"]
+__all__ = ["box_check", "controlled_denoiser", "label_items", "load_label_map", "synthesize", "synthesize_layouts",
+           "synthesize_one", "to_input_grid"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -106,7 +107,7 @@ def controlled_denoiser(pipeline: LatentDiffusionPipeline, control: torch.Tensor
     return guided
 
 
-def _to_input_grid(image: torch.Tensor, prepared: Any, raw: Any) -> tuple[torch.Tensor, bool]:
+def to_input_grid(image: torch.Tensor, prepared: Any, raw: Any) -> tuple[torch.Tensor, bool]:
     """The image (on the training grid of ``prepared``) on the grid of the map as given; ``True`` if resampled."""
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
@@ -118,6 +119,39 @@ def _to_input_grid(image: torch.Tensor, prepared: Any, raw: Any) -> tuple[torch.
     moving = MetaTensor(image, affine=prepared.affine)
     out = ResampleToMatch(mode="bilinear", padding_mode="zeros")(moving, img_dst=raw)
     return torch.as_tensor(out).float(), True
+
+
+def synthesize_one(pipeline: LatentDiffusionPipeline, prepared: torch.Tensor, classes: Mapping[int, str],
+                   latent_shape: Sequence[int], seed: int = 0, index: int = 0, control_guidance_scale: float = 1.0,
+                   removed: Sequence[int] | None = None, device: str | torch.device = "cpu",
+                   progress: bool = False) -> torch.Tensor:
+    """Sample ``index`` of ``seed`` following one label map on the training grid: ``(1, *spatial)`` float32, image
+    space, on ``prepared``'s grid (what :func:`synthesize` writes as ``sample_<index>_image.nii.gz`` before
+    resampling to the map's own grid).
+
+    Args:
+        pipeline: the sampling pipeline (ControlNet, or a UNet in concat mode).
+        prepared: the label map through the label preprocessing, ``(1, *spatial)``.
+        classes: the vocabulary ``{value: name}``.
+        latent_shape: ``(C, *latent_spatial)``.
+        seed, index: which sample.
+        control_guidance_scale: guidance on the control (1: none).
+        removed: the unconditional branch: the map without these label values; ``None``: no control.
+        device: where to sample.
+        progress: show the sampling bar.
+    """
+    from scripts.engines.base import autocast_context
+
+    label = torch.as_tensor(prepared)[None].to(device)
+    control = control_image(label, list(classes))
+    unconditional = null_control(control, list(classes), removed)
+    noise = initial_noise(latent_shape, [index], seed, device)
+    generators = sample_generators(seed + 1, [index], device=noise.device)
+    denoise = controlled_denoiser(pipeline, control, unconditional, float(control_guidance_scale))
+    with autocast_context(noise.device, pipeline.amp, pipeline.amp_dtype):
+        latents = reverse_process(denoise, pipeline.scheduler, noise, pipeline.num_inference_steps, generators,
+                                  progress=progress)
+        return pipeline.decode(latents).float().cpu()[0]
 
 
 def synthesize(
@@ -167,7 +201,6 @@ def synthesize(
         progress: show progress bars.
         run_dir: write into this existing folder instead of a new ``synthesis_<time>`` one.
     """
-    from scripts.engines.base import autocast_context
     from scripts.visualize import label_overlay_grid
 
     classes = label_vocabulary(label_classes)
@@ -190,20 +223,12 @@ def synthesize(
     for j, item in enumerate(label_items):
         path = str(item[label_key])
         raw, prepared = load_label_map(path, label_transform, spacing, label_key)
-        label = torch.as_tensor(prepared)[None].to(device)
-        control = control_image(label, list(classes))
-        unconditional = null_control(control, list(classes), removed)
         for k in range(int(samples_per_map)):
             i = j * int(samples_per_map) + k
-            noise = initial_noise(latent_shape, [i], seed, device)
-            generators = sample_generators(seed + 1, [i], device=noise.device)
-            denoise = controlled_denoiser(pipeline, control, unconditional, float(control_guidance_scale))
-            with autocast_context(noise.device, pipeline.amp, pipeline.amp_dtype):
-                latents = reverse_process(denoise, pipeline.scheduler, noise, pipeline.num_inference_steps,
-                                          generators, progress=progress)
-                image = pipeline.decode(latents).float().cpu()[0]
+            image = synthesize_one(pipeline, prepared, classes, latent_shape, seed, i, control_guidance_scale,
+                                   removed, device, progress)
             check = control_check(image.numpy(), prepared.numpy(), classes, spacing, segmenter)
-            out, resampled = _to_input_grid(image, prepared, raw)
+            out, resampled = to_input_grid(image, prepared, raw)
             affine = np.asarray(raw.affine, dtype=np.float64)
             image_file = save_nifti(out, affine, run_dir / f"sample_{i:04d}_image.nii.gz")
             label_file = save_nifti(np.asarray(raw).astype(np.int16), affine, run_dir / f"sample_{i:04d}_label.nii.gz",

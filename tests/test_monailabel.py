@@ -91,7 +91,17 @@ def server(tmp_path):
     (tmp_path / "models").mkdir()
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("autoencoder_def").state_dict(), tmp_path / "models" / "model_autoencoder.pt")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "models" / "model_ema.pt")
+    unet = parser.get_parsed_content("network_def")
+    torch.save(unet.state_dict(), tmp_path / "models" / "model_ema.pt")
+    # an (untrained) ControlNet with its record, for synthesis from a label map
+    from scripts.controlnet import init_from_unet
+    from scripts.storage import file_sha256
+
+    controlnet = init_from_unet(parser.get_parsed_content("controlnet_def"), unet)
+    torch.save(controlnet.state_dict(), tmp_path / "models" / "model_controlnet_ema.pt")
+    (tmp_path / "models" / "model_controlnet_record.json").write_text(json.dumps({
+        "label_classes": parser["label_classes"], "controlnet_embedding_width": parser["controlnet_embedding_width"],
+        "diffusion_sha256": file_sha256(tmp_path / "models" / "model_ema.pt")}))
     app = tmp_path / "app"  # a copy: start_server creates model/, lib/, logs/ and bin/ in the app folder
     app.mkdir()
     for name in ("main.py", "bundle_tasks.py"):
@@ -103,13 +113,22 @@ def server(tmp_path):
     crop_affine = np.diag([2.5, 3.0, 3.5, 1.0])
     crop_affine[:3, 3] = [10.0, -20.0, 5.0]
     _volume(studies / "crop.nii.gz", (56, 64, 48), crop_affine)
+    label = np.zeros((32, 32, 32), np.int16)
+    label[6:26, 6:26, 6:26] = 1
+    label[14:18, 12:20, 14:18] = 2
+    label[20:23, 9:12, 15:18] = 3
+    nib.save(nib.Nifti1Image(label, np.diag([3.0, 3.0, 3.0, 1.0])), str(studies / "label.nii.gz"))
+    lps = np.diag([-3.0, -3.0, 4.0, 1.0])
+    lps[:3, 3] = [40.0, 30.0, -20.0]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(label[:, :, :24]), lps), str(studies / "label_lps.nii.gz"))
     port = _free_port()
     log = tmp_path / "server.log"
     overrides = {**OVERRIDES, "bundle_root": str(tmp_path)}
     cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port), "--conf", "models", "reconstruction,generation",
+           "--host", "127.0.0.1", "--port", str(port), "--conf", "models", "reconstruction,generation,synthesis",
            "--conf", "bundle", str(ROOT), "--conf", "overrides", json.dumps(overrides),
-           "--conf", "generation_overrides", json.dumps(GENERATION)]
+           "--conf", "generation_overrides", json.dumps(GENERATION), "--conf", "synthesis_overrides",
+           json.dumps(GENERATION)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["MONAI_LABEL_TASKS_TRAIN"] = "false"
     with open(log, "wb") as out:
@@ -145,10 +164,10 @@ def server(tmp_path):
                     shutil.copy(tmp_path / name, Path(keep) / name)
 
 
-def test_monailabel_serves_the_bundles_reconstruction_and_generation(server):
+def test_monailabel_serves_the_bundles_reconstruction_generation_and_synthesis(server):
     base, root, studies = server
     info = json.loads((root / "info.json").read_text())
-    assert set(info["models"]) == {"reconstruction", "generation"}
+    assert set(info["models"]) == {"reconstruction", "generation", "synthesis"}
     assert info["models"]["generation"]["config"]["seed"] == 0
     responses, differences = {}, {}
     demo = studies / "demo.nii.gz"
@@ -185,6 +204,24 @@ def test_monailabel_serves_the_bundles_reconstruction_and_generation(server):
     _, other = _post(f"{base}/infer/generation", demo, {"seed": 4, "sampler": "ddim"})
     assert np.abs(_read(other, root / "other.nii.gz").get_fdata() - generated.get_fdata()).max() > 1e-3
 
+    # synthesis: a label map in, the bundle's sample_0000_image for the same map and seed out, on the map's grid
+    label = studies / "label.nii.gz"
+    run_bundle([COMMON, "configs/inference.json", "configs/inference_controlnet.json"],
+               {**OVERRIDES, **GENERATION, "bundle_root": str(root), "output_dir": str(outputs), "seed": 3,
+                "label_maps": [str(label)]})
+    (synthesised,) = outputs.glob("synthesis_*/sample_0000_image.nii.gz")
+    responses["synthesis"], data = _post(f"{base}/infer/synthesis", label, {"seed": 3})
+    served_synthesis = _read(data, root / "served_synthesis.nii.gz")
+    expected = nib.load(str(synthesised)).get_fdata()
+    differences["synthesis"] = float(np.abs(served_synthesis.get_fdata() - expected).max())
+    np.testing.assert_allclose(served_synthesis.affine, nib.load(str(label)).affine, atol=1e-5)
+    assert set(responses["synthesis"]["control_check"]) == {"brain", "ventricles", "lesion"}
+    lps_map = studies / "label_lps.nii.gz"
+    responses["synthesis_lps"], data = _post(f"{base}/infer/synthesis", lps_map, {"seed": 3})
+    served_lps = _read(data, root / "served_synthesis_lps.nii.gz")
+    assert served_lps.shape == (32, 32, 24)
+    np.testing.assert_allclose(served_lps.affine, nib.load(str(lps_map)).affine, atol=1e-5)
+
     (root / "responses.json").write_text(json.dumps(responses, indent=2))
     (root / "differences.json").write_text(json.dumps({"max_abs_difference": differences}, indent=2))
-    assert differences["reconstruction"] < 1e-4 and differences["generation"] < 1e-4, differences
+    assert max(differences.values()) < 1e-4, differences

@@ -32,7 +32,7 @@ from scripts.serving import served_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationTask", "ReconstructionTask"]
+__all__ = ["GenerationTask", "ReconstructionTask", "SynthesisTask"]
 
 
 class _WorkflowTask(BasicInferTask):
@@ -148,3 +148,55 @@ class GenerationTask(_WorkflowTask):
     def facts(self, data: Mapping[str, Any]) -> dict[str, Any]:
         sampler, steps, seed = self._request(data)
         return {**self._pipeline(sampler, steps)[0].describe(), "sampler_name": sampler, "seed": seed}
+
+
+class SynthesisTask(_WorkflowTask):
+    """A label map in, an image that follows it out (``configs/inference_controlnet.json``: the ControlNet on the
+    stage-2 UNet): sample 0 of the request's ``seed``, with ``control_guidance_scale``, on the label map's own grid
+    and affine (generated on the training grid, resampled back trilinearly where they differ), the image
+    ``monai.bundle run`` writes as ``sample_0000_image.nii.gz`` for that map; the label map itself is the pair's
+    label. The answer's JSON holds the control check (Dice and volume error per class).
+
+    Args:
+        overrides: config overrides of the workflow.
+    """
+
+    task = "synthesis"
+
+    def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
+        # the label chain reads MONAI Label's "image" (the posted label map)
+        parser = served_config("synthesis", {**dict(overrides or {}), "label_key": "image"})
+        super().__init__(parser, "Synthesis of an image from a label map (ControlNet), on the map's grid",
+                         config={"seed": 0, "control_guidance_scale": 1.0})
+        self.pipeline = parser.get_parsed_content("pipeline")
+        self.latent_shape = parser.get_parsed_content("latent_shape")
+        self.classes = parser.get_parsed_content("label_classes")
+        self.spacing = parser.get_parsed_content("spacing")
+
+    def pre_transforms(self, data: Any = None) -> Sequence[Callable]:
+        return list(self.parser.get_parsed_content("label_preprocessing").transforms)
+
+    def post_transforms(self, data: Any = None) -> Sequence[Callable]:
+        return []  # the answer is put on the map's own grid by answer()
+
+    def answer(self, data: dict[str, Any], image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from monai.data import MetaTensor
+        from monai.transforms import LoadImage
+
+        from scripts.controlnet import control_check
+        from scripts.synthesis import synthesize_one, to_input_grid
+
+        prepared = data[self.input_key]
+        sample = synthesize_one(self.pipeline, prepared, self.classes, self.latent_shape,
+                                seed=int(data.get("seed") or 0),
+                                control_guidance_scale=float(data.get("control_guidance_scale") or 1.0),
+                                device=self.device)
+        # kept in the request's data for facts(): MONAI Label passes the same dict on to the writer
+        data["control_check"] = control_check(sample.numpy(), prepared.numpy(), self.classes, self.spacing)
+        raw = LoadImage(image_only=True, ensure_channel_first=True)(data["image_path"])
+        out, _ = to_input_grid(sample, prepared, raw)
+        return MetaTensor(out, affine=raw.affine)
+
+    def facts(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {"seed": int(data.get("seed") or 0), "control_check": data.get("control_check", {}),
+                "control_guidance_scale": float(data.get("control_guidance_scale") or 1.0)}

@@ -28,8 +28,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 APP_DIR = Path(__file__).resolve().parent
 #: the bundle this app is part of (``--conf bundle`` serves another copy)
 BUNDLE_ROOT = APP_DIR.parents[1]
-#: the tasks served (classes of bundle_tasks.py)
-TASKS = ("reconstruction", "generation")
+#: the tasks this app can serve (classes of bundle_tasks.py); synthesis needs a trained ControlNet
+TASKS = ("reconstruction", "generation", "synthesis")
+#: served when --conf models names none
+DEFAULT_TASKS = ("reconstruction", "generation")
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +53,10 @@ def parse_conf(conf: dict[str, str]) -> dict[str, dict[str, Any]]:
     Raises:
         ValueError: an unknown task name, or overrides that are not a JSON object; one line naming the fix.
     """
-    names = [n.strip() for n in str(conf.get("models", ",".join(TASKS))).split(",") if n.strip()]
+    names = [n.strip() for n in str(conf.get("models", ",".join(DEFAULT_TASKS))).split(",") if n.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"--conf models {','.join(names)}: unknown task(s) {unknown}; serve some of {list(TASKS)} "
-                         "(synthesis from a label map awaits the ControlNet workflow, issue 14).")
+        raise ValueError(f"--conf models {','.join(names)}: unknown task(s) {unknown}; serve some of {list(TASKS)}.")
     shared = _json_object(conf, "overrides")
     return {name: {**shared, **_json_object(conf, f"{name}_overrides")} for name in names}
 
@@ -75,12 +76,14 @@ class LatentDiffusionApp(MONAILabelApp):
             if folder not in sys.path:
                 sys.path.insert(0, folder)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="latent_diffusion_3d",
-                         description="3D latent diffusion bundle: reconstruction and generation", version="1")
+                         description="3D latent diffusion: reconstruction, generation, synthesis from label maps",
+                         version="1")
 
     def init_infers(self) -> dict[str, InferTask]:
         import bundle_tasks  # needs the bundle on sys.path, which __init__ has put there
 
-        classes = {"reconstruction": bundle_tasks.ReconstructionTask, "generation": bundle_tasks.GenerationTask}
+        classes = {"reconstruction": bundle_tasks.ReconstructionTask, "generation": bundle_tasks.GenerationTask,
+                   "synthesis": bundle_tasks.SynthesisTask}
         infers = {}
         for name, overrides in self.tasks.items():
             logger.info(f"building task '{name}' from {self.bundle} with overrides {overrides}")
