@@ -1,6 +1,6 @@
 """Package the bundle as a MONAI Model Zoo zip: ``dist/<name>_v<version>.zip`` holding one ``<name>/`` folder.
 
-    python -m scripts.package                       # configs, scripts, docs, LICENSE, README, main.py,
+    python -m scripts.package                       # configs, scripts, docs, apps, LICENSE, README, main.py,
                                                     # large_files.yml, empty models/
     python -m scripts.package --weights true        # also the trained weights in models/
     python -m scripts.package --weights true --weights_url https://host/releases/v0.3.0
@@ -29,7 +29,8 @@ __all__ = ["WEIGHT_FILES", "PackageError", "bundle_files", "bundle_name", "large
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 # what a Model Zoo bundle ships; everything else (cache/, data/, logs/, outputs/, dist/, tests/, bench/) stays out
-INCLUDED = ("configs", "scripts", "docs", "LICENSE", "README.md", "requirements.txt", "large_files.yml", "main.py")
+INCLUDED = ("configs", "scripts", "docs", "apps", "LICENSE", "README.md", "requirements.txt", "large_files.yml",
+            "main.py")
 EXCLUDED_PARTS = {"__pycache__", "cache", "logs", "outputs", "mlruns", ".ipynb_checkpoints"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".tmp"}
 
