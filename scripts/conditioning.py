@@ -411,12 +411,10 @@ def condition_samples(conditions: Conditions, num_samples: int, seed: int = 0,
         ValueError: an unknown condition, category or word, or a value out of the training range; one line.
     """
     common = dict(condition or {})
+    conditions.rows([common], "condition")
+    requests = [common] * int(num_samples)
     if condition_table:
         requests = [{**common, **row} for row in read_condition_table(condition_table)]
-        source = f"condition_table {condition_table}"
-    else:
-        requests = [common] * int(num_samples)
-        source = "condition"
-    for i, request in enumerate(requests):
-        conditions.rows([request], f"{source}, sample {i}")
+        for i, request in enumerate(requests):
+            conditions.rows([request], f"condition_table {condition_table}, sample {i}")
     return [{"index": i, "seed": int(seed), "condition": request} for i, request in enumerate(requests)]
