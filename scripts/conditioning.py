@@ -37,8 +37,8 @@ from torch import nn
 from scripts import text
 
 __all__ = [
-    "KINDS", "ConditionEncoder", "ConditionedUNet", "Conditions", "condition_samples", "fit_conditions",
-    "read_condition_table",
+    "KINDS", "ConditionEncoder", "ConditionedUNet", "Conditions", "check_network_matches_record", "condition_samples",
+    "fit_conditions", "read_condition_table",
 ]
 
 KINDS = ("continuous", "categorical", "text")
@@ -371,6 +371,20 @@ class ConditionedUNet(nn.Module):
         if context is None:
             context = self.encoder.null_rows(x.shape[0], x.device)
         return self.unet(x, timesteps=timesteps, context=self.encoder(context.to(x.device)), **kwargs)
+
+
+def check_network_matches_record(record: Mapping[str, Any], network: nn.Module) -> bool:
+    """Refuse to sample conditional weights with the unconditional network, before their keys fail to load.
+
+    Raises:
+        ValueError: the training record declares conditions and ``network`` is not a :class:`ConditionedUNet`.
+    """
+    if record.get("conditions") and not isinstance(network, ConditionedUNet):
+        names = [s["name"] for s in record["conditions"]]
+        raise ValueError(f"the diffusion weights were trained with the conditions {names} (training record "
+                         f"{getattr(record, 'path', '')}): add configs/inference_conditional.json to --config_file "
+                         "(with no --condition it samples unconditionally).")
+    return True
 
 
 # ---- generation inputs ------------------------------------------------------------------------------------------

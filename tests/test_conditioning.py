@@ -275,3 +275,8 @@ def test_the_conditional_weights_sample_unconditionally_and_refuse_bad_requests(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ERROR: ValueError: condition: lesion_count=40 is outside the training range"), last
     assert not math.isnan(manifest["seconds_total"])
+    proc = run_bundle([COMMON, "configs/inference.json"], overrides_for(tmp, generate=True, num_samples=1), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR: ValueError: the diffusion weights were trained with the conditions "
+                           "['lesion_count',"), last
+    assert "add configs/inference_conditional.json to --config_file" in last
