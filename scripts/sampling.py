@@ -257,8 +257,8 @@ class LatentDiffusionPipeline:
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             outputs = self._output(torch.cat([x] * m), torch.cat([t] * m), stacked, stacked_control).chunk(m)
-            w = weights.to(x.device, outputs[0].dtype)
-            return sum(w[:, j].view(-1, *[1] * (x.ndim - 1)) * out for j, out in enumerate(outputs))
+            w = weights.to(x.device, torch.float32)  # combined in float32: under bf16 autocast the terms cancel
+            return sum(w[:, j].view(-1, *[1] * (x.ndim - 1)) * out.float() for j, out in enumerate(outputs))
 
         return guided
 
