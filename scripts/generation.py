@@ -98,7 +98,7 @@ def generate(
             volumes.append((f"sample {i}", image.numpy()))
             entry: dict[str, Any] = {"file": files[-1].name, "index": i, "seed": int(batch[j]["seed"])}
             if conditions is not None:
-                entry.update(condition=requests[j],
+                entry.update(condition=conditions.describe_row(condition[j].cpu()),  # as the model was given it
                              network_calls_per_step=pipeline.network_calls_per_step(condition[j : j + 1]))
                 if control is not None:
                     entry["measured"] = control(image.numpy(), spacing)

@@ -254,8 +254,9 @@ def test_conditional_generation_from_a_table_writes_requests_measurements_and_co
               guidance_scale={"lesion_count": 2.0})
     manifest = _manifest(tmp)
     first, second = manifest["samples"]
-    assert first["condition"] == {"ventricle_volume_ml": 1.2, "lesion_count": "2",
-                                  "prompt": "head MRI, 2 lesions, large ventricles"}
+    assert first["condition"] == {"lesion_count": 2.0, "ventricle_volume_ml": 1.2,
+                                  "prompt": "head mri 2 lesions large ventricles"}
+    assert second["condition"] == {"lesion_count": 0.0, "ventricle_volume_ml": 1.2}
     assert first["network_calls_per_step"] == 3 and second["network_calls_per_step"] == 3
     assert manifest["network_calls_per_step"] == 3 and manifest["guidance_scale"]["lesion_count"] == 2.0
     assert set(first["measured"]) == {"lesion_count", "ventricle_volume_ml", "head_volume_ml"}
