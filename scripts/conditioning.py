@@ -291,7 +291,7 @@ class Conditions:
             elif spec["kind"] == "categorical":
                 out[spec["name"]] = spec["vocabulary"][int(cols[0])]
             else:
-                out[spec["name"]] = round(float(cols[0]) * spec["std"] + spec["mean"], 6)
+                out[spec["name"]] = round(float(cols[0]) * spec["std"] + spec["mean"], 6) + 0.0  # no -0.0
         return out
 
 
