@@ -19,6 +19,7 @@ Submodules load on first use (``scripts.data.load_datalist`` in a config imports
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from scripts.errors import install_error_summary
@@ -26,8 +27,13 @@ from scripts.errors import install_error_summary
 __all__ = [
     "autoencoders", "checks", "conditioning", "data", "demo", "demo_data", "diffusion", "distributed", "engines",
     "errors", "evaluation", "generation", "handlers", "latents", "launch", "losses", "networks", "nifti", "package",
-    "provenance", "reconstruction", "records", "sampling", "schedulers", "storage", "text", "visualize", "weights",
+    "provenance", "reconstruction", "records", "sampling", "schedulers", "serving", "storage", "text", "visualize",
+    "weights",
 ]
+
+#: the bundle folder (the one holding ``configs/`` and this package): the default ``bundle_root`` of every workflow,
+#: so that the configs resolve the same from any working folder
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def __getattr__(name: str) -> Any:

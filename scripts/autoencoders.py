@@ -19,6 +19,12 @@ the size checks hold no per-kind branches:
   :func:`latent_spatial_shape` and :func:`latent_window`.
 - ``adapter.export_decoder(scale_factor)``: the decoder path as a network of the autoencoder's own class
   (:class:`KLLatentDecoder` / :class:`VQLatentDecoder`) for ``monai.bundle ckpt_export``.
+- ``adapter.reconstruction_network()``: ``reconstruct`` as the network's ``forward``, again of the autoencoder's own
+  class (:class:`KLReconstruction` / :class:`VQReconstruction`), for the reconstruction workflow, validation and
+  MONAI Label.
+
+Both forms share the autoencoder's modules, so their state dict *is* the autoencoder's: ``model_autoencoder.pt``
+loads into them strictly, with no key prefix to add or strip.
 """
 
 from __future__ import annotations
@@ -36,14 +42,17 @@ __all__ = [
     "AutoencoderAdapter",
     "KLAutoencoderAdapter",
     "KLLatentDecoder",
+    "KLReconstruction",
     "VQAutoencoderAdapter",
     "VQLatentDecoder",
+    "VQReconstruction",
     "adapt",
     "check_spatial_size",
     "downsample_factor",
     "is_vector_quantized",
     "latent_spatial_shape",
     "latent_window",
+    "same_modules",
 ]
 
 
@@ -77,6 +86,32 @@ class VQLatentDecoder(VQVAE):
         return VQAutoencoderAdapter(self).decode(z, self.latent_scale_factor)
 
 
+class KLReconstruction(AutoencoderKL):
+    """Deterministic reconstruction form of an ``AutoencoderKL``: image ``(B, C, *spatial)`` -> decode(posterior
+    mean), same shape (:meth:`KLAutoencoderAdapter.reconstruct`). Made by
+    :meth:`AutoencoderAdapter.reconstruction_network`; shares the wrapped autoencoder's modules and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return KLAutoencoderAdapter(self).reconstruct(x)
+
+
+class VQReconstruction(VQVAE):
+    """Deterministic reconstruction form of a ``VQVAE``: image -> decode(nearest codes of the encoding), same shape
+    (:meth:`VQAutoencoderAdapter.reconstruct`, never updating the codebook). Made by
+    :meth:`AutoencoderAdapter.reconstruction_network`; shares the wrapped network's modules and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return VQAutoencoderAdapter(self).reconstruct(x)
+
+
+def same_modules(cls: type[nn.Module], network: nn.Module) -> nn.Module:
+    """A ``cls`` instance holding ``network``'s modules and parameters (its state dict is ``network``'s): only
+    ``forward`` differs."""
+    obj = cls.__new__(cls)
+    obj.__dict__ = network.__dict__
+    return obj
+
+
 class AutoencoderAdapter:
     """What the bundle needs from a stage-1 network; subclasses implement it for one MONAI network.
 
@@ -87,6 +122,8 @@ class AutoencoderAdapter:
 
     #: the export form of the decoder path, a subclass of the network's class (see :meth:`export_decoder`)
     export_decoder_class: type[nn.Module]
+    #: the reconstruction form, a subclass of the network's class (see :meth:`reconstruction_network`)
+    reconstruction_class: type[nn.Module]
 
     def __init__(self, autoencoder: nn.Module) -> None:
         self.network = autoencoder
@@ -121,16 +158,25 @@ class AutoencoderAdapter:
         It shares the autoencoder's modules (its state dict is the autoencoder's, so ``model_autoencoder.pt`` loads
         into it unchanged); only ``forward`` differs.
         """
-        decoder = self.export_decoder_class.__new__(self.export_decoder_class)
-        decoder.__dict__ = self.autoencoder.__dict__  # same modules and parameters, the export class's forward
+        decoder = same_modules(self.export_decoder_class, self.autoencoder)
         decoder.latent_scale_factor = float(scale_factor)
         return decoder
+
+    def reconstruction_network(self) -> nn.Module:
+        """:meth:`reconstruct` as a network of :attr:`reconstruction_class`: one image tensor ``(B, C, *spatial)`` in,
+        its reconstruction out, for evaluators, inferers and MONAI Label.
+
+        It shares the autoencoder's modules, so its state dict is the autoencoder's (``model_autoencoder.pt`` loads
+        into it strictly, unchanged); only ``forward`` differs.
+        """
+        return same_modules(self.reconstruction_class, self.autoencoder)
 
 
 class KLAutoencoderAdapter(AutoencoderAdapter):
     """``AutoencoderKL``: KL-regularised, the latent is a diagonal Gaussian posterior."""
 
     export_decoder_class = KLLatentDecoder
+    reconstruction_class = KLReconstruction
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruction of a posterior sample and ``{"kl": KL(posterior || N(0, 1))}``."""
@@ -163,6 +209,7 @@ class VQAutoencoderAdapter(AutoencoderAdapter):
     """``VQVAE``: vector-quantised with an EMA codebook; the latent is the quantised embedding."""
 
     export_decoder_class = VQLatentDecoder
+    reconstruction_class = VQReconstruction
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruction and ``{"quantization"}``: the commitment loss, already multiplied by the quantizer's

@@ -30,8 +30,8 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
-__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_layering", "check_overrides", "find_unknown_keys",
-           "typed_overrides"]
+__all__ = ["BOOLEAN_WORDS", "COMMON", "REFUSED", "as_bool", "check_known_keys", "check_layering", "check_overrides",
+           "common_default", "find_unknown_keys", "typed_overrides"]
 
 #: the shared definitions, merged first by every workflow (relative to the bundle root, as the commands name it)
 COMMON = "configs/common.json"
@@ -125,6 +125,22 @@ def _exists(config: Any, key: str) -> bool:
     return True
 
 
+def check_known_keys(config_files: Sequence[str], keys: Sequence[str], prefix: str = "--") -> None:
+    """Refuse an override key that the merged config files do not define.
+
+    Raises:
+        KeyError: naming the first unknown key (written ``<prefix><key>``) and the closest known ones.
+    """
+    unknown = find_unknown_keys(config_files, keys)
+    if unknown:
+        key, close = unknown[0]
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(
+            f"unknown config key '{prefix}{key}': no config file in {list(config_files)} defines it.{hint} "
+            "Fix the override (nested keys are joined with '#')."
+        )
+
+
 def _all_keys(config: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(config, dict):
@@ -199,6 +215,20 @@ def check_layering(config: Mapping[str, Any], files: Sequence[str] = ()) -> None
                          f"({COMMON} defines {what} that the workflow reads).")
 
 
+def common_default(key: str) -> Any:
+    """The value of the top-level id ``key`` in this bundle's ``configs/common.json`` as written there, whichever the
+    working folder and whatever the merged workflow made of the id (generation's ``recipe``: the defaults for weights
+    without a training record).
+
+    Raises:
+        KeyError: ``common.json`` has no id ``key``; the message names the file.
+    """
+    common = ConfigParser.load_config_file(str(COMMON_PATH))
+    if key not in common:
+        raise KeyError(f"{COMMON_PATH} has no id '{key}'; fix the config that asks for it.")
+    return common[key]
+
+
 def _default(config: Any, key: str, depth: int = 0) -> Any:
     """The value ``key`` has in ``config`` (macros resolved), following plain ``@id`` references."""
     node = config
@@ -219,8 +249,8 @@ def typed_overrides(config_files: Sequence[str], overrides: Mapping[str, Any]) -
     boolean (``'false'`` -> ``False``, by :func:`as_bool`); expressions (``$...``, ``@id``) and every other value
     pass unchanged.
 
-    Keys that do not exist are left to :func:`find_unknown_keys`. Run from the bundle root (the config paths and
-    the few remaining macros, e.g. ``inference.json#recipe``, resolve from there).
+    Keys that do not exist are left to :func:`find_unknown_keys`. Relative config paths (and the overlays' macros)
+    resolve from the working folder.
 
     Raises:
         ValueError: a key of :data:`REFUSED` (computed by the workflow), or a boolean key given another text;
@@ -302,14 +332,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> bool:
         check_layering(ConfigParser.load_config_files(list(files)), files)
     if not files or not overrides:
         return True
-    unknown = find_unknown_keys(files, list(overrides))
-    if unknown:
-        key, close = unknown[0]
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(
-            f"unknown config key '--{key}': no config file in {files} defines it.{hint} "
-            "Fix the override (nested keys are joined with '#')."
-        )
+    check_known_keys(files, list(overrides))
     if resolver is not None:  # the values as MONAI received them (python-fire has parsed numbers and lists)
         overrides = {k: resolver.items[resolver.normalize_id(k)].get_config() for k in overrides}
     for key, value in typed_overrides(files, overrides).items():

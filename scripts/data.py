@@ -1,4 +1,4 @@
-"""Datalists, the one transform we add to MONAI's, and batch preparation.
+"""Datalists, the two transforms we add to MONAI's, and batch preparation.
 
 The preprocessing chain itself is wired in ``configs/common.json`` from MONAI transforms; this module holds
 the logic the config calls: finding the datalist (the embedded demo data when the user names none), checking
@@ -14,13 +14,17 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai import transforms as mt
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
 from monai.engines.utils import PrepareBatch
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys
 
-__all__ = ["PrepareImage", "SelectChanneld", "check_readable", "load_datalist", "resolve_datalist"]
+__all__ = [
+    "PrepareImage", "RequireFinited", "SelectChanneld", "Spacingd", "check_readable", "load_datalist",
+    "resolve_datalist",
+]
 
 DATALIST_NAMES = ("datalist.json", "dataset.json")
 
@@ -158,27 +162,108 @@ def decathlon_items(root_dir: str, task: str, section: str, val_frac: float = 0.
 
 
 def check_readable(path: str | os.PathLike) -> None:
-    """Raise one clear ``ValueError`` if ``path`` cannot be opened as an image.
+    """Raise one clear ``ValueError`` if ``path`` cannot be an image the workflows read, without decoding it.
 
-    NIfTI files are checked by reading their header (cheap); other formats are read with MONAI's ``LoadImage``.
+    Checked up front, for every listed file: a directory that is no DICOM series, a NIfTI header that cannot be
+    read, a NIfTI image that is 2D or has more than 4 dimensions, and a NIfTI file shorter than its header implies
+    (a plain ``.nii`` by its size; a ``.nii.gz`` by the uncompressed size in its gzip trailer, decompressed in full
+    only when that size disagrees). Other formats are read with MONAI's ``LoadImage``. NaN or infinite voxels are
+    found when the image is loaded (:class:`RequireFinited`), which for training happens while the data is cached,
+    before the first iteration.
     """
     path = str(path)
+    if os.path.isdir(path):
+        if not any(name.lower().endswith(".dcm") for name in os.listdir(path)):
+            raise ValueError(f"datalist entry '{path}' is a directory, not an image file. List the image file "
+                             "itself (a DICOM series folder must hold .dcm files), or remove it from the datalist.")
+        return
+    nifti = path.endswith((".nii", ".nii.gz"))
     try:
-        if path.endswith((".nii", ".nii.gz")):
+        if nifti:
             import nibabel as nib
 
             img = nib.load(path)
-            if len(img.shape) < 2:
-                raise ValueError(f"image has shape {img.shape}")
+            shape, needed = tuple(img.shape), _nifti_bytes(img)
         else:
             from monai.transforms import LoadImage
 
-            LoadImage(image_only=True)(path)
+            shape, needed = tuple(LoadImage(image_only=True)(path).shape), None
     except Exception as e:
         raise ValueError(
             f"cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             "Replace or remove it from the datalist."
         ) from e
+    if len(shape) < 3 or (nifti and 1 in shape[:3]):
+        raise ValueError(f"image '{path}' is 2D (shape {shape}); the workflows take 3D volumes (X, Y, Z). Convert "
+                         "it to a 3D volume or remove it from the datalist.")
+    if nifti and len(shape) > 4:
+        raise ValueError(f"image '{path}' is {len(shape)}D (shape {shape}); the workflows take 3D volumes, with "
+                         "channels last (X, Y, Z, C) at most. Keep one volume (e.g. one time point) per file or "
+                         "remove it from the datalist.")
+    if needed is not None:
+        held = _nifti_held_bytes(path, needed)
+        if held < needed:
+            raise ValueError(f"image '{path}' is truncated: its header implies {needed} bytes, the file holds "
+                             f"{held}. Copy it again from its source or remove it from the datalist.")
+
+
+def _nifti_bytes(img: Any) -> int:
+    """Bytes an uncompressed NIfTI file with ``img``'s header holds: the data offset plus the voxel data."""
+    header = img.header
+    count = 1
+    for n in img.shape:
+        count *= int(n)
+    offset = getattr(img.dataobj, "offset", None)  # where the data starts on disk (the loaded header says 0)
+    return int(header.get_data_offset() if offset is None else offset) + count * header.get_data_dtype().itemsize
+
+
+def _nifti_held_bytes(path: str, needed: int) -> int:
+    """Uncompressed bytes the file holds, read cheaply: the file size of a ``.nii``; for a ``.nii.gz`` the gzip
+    trailer's size (modulo 2^32), or, when that disagrees with ``needed``, the bytes a streaming decompression of
+    every gzip member yields before the data ends or breaks."""
+    if not path.endswith(".gz"):
+        return os.path.getsize(path)
+    import zlib
+
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        trailer = int.from_bytes(f.read(4), "little")
+        if trailer == needed % 2**32:
+            return needed
+        f.seek(0)
+        held, stream = 0, zlib.decompressobj(16 + zlib.MAX_WBITS)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            while chunk:
+                try:
+                    held += len(stream.decompress(chunk))
+                except zlib.error:
+                    return held  # corrupt from here on: what was decoded is what the file holds
+                chunk = stream.unused_data if stream.eof else b""
+                if stream.eof:  # a further gzip member follows
+                    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    return held
+
+
+class RequireFinited(MapTransform):
+    """Fail with one line naming the file when a loaded image holds NaN or infinite voxels (which would turn every
+    loss to NaN); put it right after ``LoadImaged``.
+
+    Args:
+        keys: keys of the images to check.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            finite = torch.isfinite(torch.as_tensor(d[key]))
+            if not bool(finite.all()):
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"image '{source}' holds {int((~finite).sum())} NaN or infinite voxels. Fix or "
+                                 "replace the file, or remove it from the datalist.")
+        return d
 
 
 class SelectChanneld(MapTransform):
@@ -203,6 +288,25 @@ class SelectChanneld(MapTransform):
                 raise ValueError(f"'{key}' has {img.shape[0]} channel(s); cannot select channel {self.channel}.")
             d[key] = img[self.channel : self.channel + 1]
         return d
+
+
+class Spacingd(mt.Spacingd):
+    """MONAI's ``Spacingd`` (same arguments, same inverse for ``Invertd``) that leaves the item's other entries alone.
+
+    MONAI 1.6's ``Spacingd`` calls ``.update()`` on every ``<key>_*`` entry of a NIfTI item, taking each for a
+    metadata dictionary, so an item with a string such as MONAI Label's ``image_path`` fails with ``'str' object has
+    no attribute 'update'``. Here entries ``<key>_*`` that are not dictionaries are set aside during the resampling
+    and put back unchanged.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = set(self.keys)
+        aside = {k: d.pop(k) for k in list(d) if isinstance(k, str) and k not in keys and not isinstance(d[k], Mapping)
+                 and any(k.startswith(f"{key}_") for key in keys)}
+        out = super().__call__(d, lazy=lazy)
+        out.update(aside)
+        return out
 
 
 class PrepareImage(PrepareBatch):

@@ -23,6 +23,7 @@ __all__ = [
     "broadcast_float",
     "broadcast_object",
     "destroy_process_group",
+    "gather_object",
     "init_process_group",
     "is_distributed",
     "is_main_rank",
@@ -154,6 +155,16 @@ def broadcast_object(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_object(value: Any) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank (``[value]`` without a process
+    group)."""
+    if not is_distributed():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def broadcast_float(value: float) -> float:

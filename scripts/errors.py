@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["install_error_summary"]
+__all__ = ["bundle_cause", "install_error_summary"]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -27,6 +27,13 @@ def _raised_here(exc: BaseException) -> bool:
     return last is not None and os.path.abspath(last).startswith(package)
 
 
+def bundle_cause(exc: BaseException) -> BaseException | None:
+    """The innermost exception of ``exc``'s chain raised by this bundle's own code (one of its checks, whose message
+    is one line naming the fix), or ``None``: the root cause under MONAI's ``RuntimeError("Failed to evaluate")``."""
+    ours = [e for e in _chain(exc) if _raised_here(e)]
+    return ours[-1] if ours else None
+
+
 def install_error_summary() -> None:
     """Make the last line of a failed run's output the bundle's own message, not MONAI's wrapper.
 
@@ -40,9 +47,8 @@ def install_error_summary() -> None:
 
     def hook(exc_type, exc, tb):  # type: ignore[no-untyped-def]
         previous(exc_type, exc, tb)
-        ours = [e for e in _chain(exc) if _raised_here(e)]
-        if ours:
-            cause = ours[-1]
+        cause = bundle_cause(exc)
+        if cause is not None:
             print(f"\nERROR: {type(cause).__name__}: {str(cause).strip(chr(39) + chr(34))}", file=sys.stderr)
 
     hook._bundle_summary = True  # type: ignore[attr-defined]

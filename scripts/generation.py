@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 
 from scripts.evaluation.control import ControlCheck, control_summary
 from scripts.nifti import centered_affine, save_nifti
@@ -17,13 +18,55 @@ from scripts.sampling import LatentDiffusionPipeline, initial_noise, sample_gene
 from scripts.storage import atomic_write_json, file_sha256, new_run_dir
 from scripts.visualize import sample_grid
 
-__all__ = ["generate", "sample_items"]
+__all__ = ["draw_samples", "generate", "sample_items", "sample_like"]
 
 
 def sample_items(num_samples: int, seed: int = 0) -> list[dict[str, int]]:
     """The samples of a generation run, ``{"index": i, "seed": seed}`` for ``i < num_samples`` (the workflow's
     ``dataset``); sample ``i`` is a function of its ``(seed, index)`` only."""
     return [{"index": i, "seed": int(seed)} for i in range(int(num_samples))]
+
+
+def draw_samples(pipeline: LatentDiffusionPipeline, latent_shape: Sequence[int], items: Sequence[Mapping[str, Any]],
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample and decode one batch of :func:`sample_items` entries: images ``(len(items), C, *spatial)`` in image
+    space, on the CPU. Sample ``{"index": i, "seed": s}`` is a function of ``(s, i)`` only, whatever the batch;
+    ``condition`` holds the batch's raw condition rows ``(len(items), width)`` when the pipeline has conditions."""
+    noise = torch.cat([initial_noise(latent_shape, [int(s["index"])], int(s["seed"]), device) for s in items])
+    generators = [g for s in items
+                  for g in sample_generators(int(s["seed"]) + 1, [int(s["index"])], device=noise.device)]
+    return pipeline(noise, generators, condition=condition, progress=progress).cpu()
+
+
+def sample_like(pipeline: LatentDiffusionPipeline, latent_shape: Sequence[int], reference: MetaTensor, seed: int = 0,
+                index: int = 0, device: str | torch.device = "cpu") -> MetaTensor:
+    """Sample ``index`` of ``seed`` (the volume ``generate`` writes as ``sample_<index>.nii.gz`` with that seed) on
+    the grid of a preprocessed reference image, so that inverting the preprocessing (the configs'
+    ``postprocessing``) puts it on the reference's own grid, e.g. for MONAI Label.
+
+    Args:
+        pipeline: the sampling pipeline.
+        latent_shape: ``(latent_channels, *latent_spatial)``.
+        reference: the reference image after the configs' ``preprocessing``, ``(C, *spatial)`` (image space); only
+            its grid and its record of applied transforms are used.
+        seed, index: which sample.
+        device: device to sample on.
+
+    Returns:
+        the sample ``(C, *spatial)`` with ``reference``'s metadata and applied transforms.
+
+    Raises:
+        ValueError: the sample's grid differs from the preprocessed reference's (the training's ``image_size``
+            against ``volume_size``); the message names both keys.
+    """
+    pipeline.network.eval().to(device)
+    pipeline.autoencoder.eval().to(device)
+    image = draw_samples(pipeline, latent_shape, [{"index": int(index), "seed": int(seed)}], device, progress=False)[0]
+    if tuple(image.shape[1:]) != tuple(reference.shape[1:]):
+        raise ValueError(f"generated volumes are {list(image.shape[1:])} voxels but the preprocessing makes the "
+                         f"reference {list(reference.shape[1:])}: set --volume_size to the generation's image_size.")
+    return MetaTensor(image, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
 
 
 def generate(
@@ -86,12 +129,9 @@ def generate(
                    desc=f"generating ({type(pipeline.scheduler).__name__}, {pipeline.num_inference_steps} steps)")
     for batch in batches:
         indices = [int(s["index"]) for s in batch]
-        noise = torch.cat([initial_noise(latent_shape, [int(s["index"])], int(s["seed"]), device) for s in batch])
-        generators = [g for s in batch
-                      for g in sample_generators(int(s["seed"]) + 1, [int(s["index"])], device=noise.device)]
         requests = [dict(s.get("condition") or {}) for s in batch]
         condition = None if conditions is None else conditions.rows(requests).to(device)
-        images = pipeline(noise, generators, condition=condition, progress=progress).cpu()
+        images = draw_samples(pipeline, latent_shape, batch, device, progress, condition)
         for j, (i, image) in enumerate(zip(indices, images, strict=True)):
             affine = centered_affine(image.shape[1:], spacing, orientation)
             files.append(save_nifti(image, affine, run_dir / f"sample_{i:04d}.nii.gz"))

@@ -27,8 +27,8 @@ from scripts.distributed import is_main_rank, unwrap
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
 __all__ = [
-    "PrepareLatents", "cache_key", "cached_latents", "encode_items", "estimate_scale_factor", "posterior",
-    "shared_fields", "stage2_dataset", "transform_fingerprint",
+    "PrepareLatents", "cache_key", "cache_problem", "cached_latents", "encode_items", "estimate_scale_factor",
+    "posterior", "shared_fields", "stage2_dataset", "transform_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,17 +135,41 @@ def cached_latents(
     key = cache_key(autoencoder_path, [transform, inferer] if inferer is not None else transform, items, image_key)
     path = Path(cache_dir) / f"latents_{split}_{key}.pt"
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not path.is_file() and is_main_rank():
-        latents = encode_items(autoencoder, items, transform, device, image_key, inferer=inferer)
-        atomic_save(latents, path)
-        print(f"[latents] encoded {len(latents)} {split} volume(s) into {path}")
+    if is_main_rank():
+        problem = cache_problem(path, items, image_key) if path.is_file() else None
+        if problem:
+            logger.warning(f"latent cache '{path}' {problem}; rebuilding it")
+            print(f"[latents] WARNING: cache '{path}' {problem}; rebuilding it", flush=True)
+        if problem or not path.is_file():
+            latents = encode_items(autoencoder, items, transform, device, image_key, inferer=inferer)
+            atomic_save(latents, path)
+            print(f"[latents] encoded {len(latents)} {split} volume(s) into {path}")
     if distributed:
         torch.distributed.barrier()
-    latents = load_checkpoint(path, what="latent cache")
-    if len(latents) != len(items):
-        raise ValueError(f"latent cache '{path}' holds {len(latents)} items, expected {len(items)}; "
-                         "delete it to rebuild.")
-    return latents
+    return load_checkpoint(path, what="latent cache")
+
+
+def cache_problem(path: Path, items: Sequence[Mapping], image_key: str = "image") -> str | None:
+    """What is wrong with the latent cache file ``path`` of ``items`` (unreadable, another item count or order,
+    entries without finite ``z_mu``/``z_sigma`` of one shape), or ``None`` when it can be used."""
+    try:
+        latents = load_checkpoint(path, what="latent cache")
+    except ValueError as e:
+        return f"cannot be read ({str(e).split('(', 1)[-1].split(')')[0]})"
+    if not isinstance(latents, list) or len(latents) != len(items):
+        return f"holds {len(latents) if isinstance(latents, list) else 'no list of'} items, expected {len(items)}"
+    shapes = set()
+    for latent, item in zip(latents, items, strict=True):
+        if not isinstance(latent, Mapping) or latent.get("source") != str(item[image_key]):
+            return f"does not list '{item[image_key]}' in its place"
+        tensors = [latent.get("z_mu"), latent.get("z_sigma")]
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isfinite(t).all())
+                   for t in tensors) or tensors[0].shape != tensors[1].shape:
+            return f"holds no finite z_mu/z_sigma pair for '{item[image_key]}'"
+        shapes.add(tuple(tensors[0].shape))
+    if len(shapes) > 1:
+        return f"holds latents of several shapes {sorted(shapes)}"
+    return None
 
 
 def estimate_scale_factor(latents: Sequence[Mapping], seed: int = 0, max_items: int | None = None) -> float:

@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         record = {"name": run.name.split("_", 1)[-1], "files": with_common(_absolute_files(files, cwd)),
                   "overrides": general, "test_only": test_only, "limit_test_batches": limit}
-    os.chdir(BUNDLE_ROOT)  # the configs' remaining macros (inference.json#recipe, the overlays') resolve from here
+    os.chdir(BUNDLE_ROOT)  # the overlays' remaining macros (multi_gpu_train_diffusion.json's) resolve from here
     paths = {"ckpt_dir": str(run / "models"), "output_dir": str(run)}
 
     if args.train:

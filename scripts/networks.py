@@ -2,8 +2,12 @@
 
 The networks themselves are MONAI's (``AutoencoderKL`` or ``VQVAE``, ``PatchDiscriminator``,
 ``DiffusionModelUNet``), defined once in ``configs/common.json`` (the ``VQVAE`` in the ``configs/vqvae.json`` overlay).
-What differs between the two stage-1 kinds (posterior, decoding, the export form of the decoder) is in
+What differs between the two stage-1 kinds (posterior, decoding, the reconstruction and export forms) is in
 :mod:`scripts.autoencoders`; loading weights into these networks is :mod:`scripts.weights`.
+
+The wrappers that a weight file is loaded into (:class:`DiffusionDenoiser`, :class:`TimestepChannelUNet`, and the
+autoencoders' reconstruction forms) share the wrapped network's modules instead of holding it as a child, so their
+state dict is the network's own: ``model.pt`` and ``model_autoencoder.pt`` load into them strictly, with no key prefix.
 """
 
 from __future__ import annotations
@@ -14,25 +18,10 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from scripts.autoencoders import adapt
+from scripts.autoencoders import adapt, same_modules
 from scripts.distributed import unwrap
 
-__all__ = ["AutoencoderDecoder", "AutoencoderReconstruction", "DiffusionDenoiser", "TimestepChannelUNet"]
-
-
-class AutoencoderReconstruction(nn.Module):
-    """Deterministic reconstruction: image ``(B, C, *spatial)`` -> decode(posterior mean, or nearest codes for a
-    VQ-VAE), same shape.
-
-    One tensor in, one tensor out, for ``verify_net_in_out``, evaluators and TorchScript export.
-    """
-
-    def __init__(self, autoencoder: nn.Module) -> None:
-        super().__init__()
-        self.autoencoder = unwrap(autoencoder)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return adapt(self.autoencoder).reconstruct(x)
+__all__ = ["AutoencoderDecoder", "DiffusionDenoiser", "TimestepChannelUNet"]
 
 
 class AutoencoderDecoder(nn.Module):
@@ -56,20 +45,25 @@ class AutoencoderDecoder(nn.Module):
         return adapt(self.autoencoder).decode(z, self.scale_factor)
 
 
-class DiffusionDenoiser(nn.Module):
-    """The diffusion UNet with a fixed timestep, so that it takes one latent tensor and returns one tensor.
+class DiffusionDenoiser(DiffusionModelUNet):
+    """The diffusion UNet with a fixed timestep, so that it takes one latent tensor ``(B, latent_channels,
+    *latent_spatial)`` and returns one tensor of that shape.
 
-    Only for ``verify_net_in_out`` and export checks; sampling calls the UNet with real timesteps.
+    Only for ``verify_net_in_out`` and export checks; sampling calls the UNet with real timesteps. Made by
+    :meth:`wrap`; it shares the UNet's modules, so ``model.pt``/``model_ema.pt`` load into it unchanged.
     """
 
-    def __init__(self, network: nn.Module, timestep: int = 500) -> None:
-        super().__init__()
-        self.network = unwrap(network)
-        self.timestep = int(timestep)
+    timestep: int
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    @classmethod
+    def wrap(cls, unet: nn.Module, timestep: int = 500) -> DiffusionDenoiser:
+        obj = same_modules(cls, unwrap(unet))
+        obj.timestep = int(timestep)
+        return obj
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:  # type: ignore[override]
         t = torch.full((x.shape[0],), self.timestep, dtype=torch.long, device=x.device)
-        return self.network(x, timesteps=t)
+        return super().forward(x, timesteps=t)
 
 
 class TimestepChannelUNet(DiffusionModelUNet):
@@ -83,9 +77,7 @@ class TimestepChannelUNet(DiffusionModelUNet):
 
     @classmethod
     def wrap(cls, unet: nn.Module) -> TimestepChannelUNet:
-        obj = cls.__new__(cls)
-        obj.__dict__ = unwrap(unet).__dict__  # same modules and parameters, this class's forward
-        return obj
+        return same_modules(cls, unwrap(unet))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         timesteps = x[:, -1].flatten(1)[:, 0]

@@ -24,6 +24,7 @@ __all__ = [
     "file_sha256",
     "load_checkpoint",
     "new_run_dir",
+    "remove_stale_temporaries",
     "unique_path",
 ]
 
@@ -42,18 +43,40 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffix: some writers (nibabel, PIL) pick the format from it
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    prefix, suffix = _temporary_name(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename: a crash of the machine leaves old or new, never empty
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _temporary_name(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary files :func:`atomic_write` writes for ``path``; the suffix is kept, as some
+    writers (nibabel, PIL) pick the format from it."""
+    return f".{path.name.split('.')[0]}-", "".join(path.suffixes) or ".tmp"
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that an :func:`atomic_write` of ``path`` killed mid-write left beside it (the
+    file itself is untouched: it is the last complete version). Call it only while no other process writes ``path``.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    prefix, suffix = _temporary_name(path)
+    stale = sorted(path.parent.glob(f"{prefix}*{suffix}")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

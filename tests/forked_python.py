@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["run_python"]
+__all__ = ["run_python", "start_python"]
 
 #: imported once by the fork server: what every bundle command needs and takes seconds to import
 PRELOAD = ["numpy", "torch", "ignite.engine", "monai", "monai.bundle", "monai.engines", "monai.networks.nets",
@@ -76,6 +76,15 @@ def _child(args: Sequence[str], cwd: str, env: Mapping[str, str], out: str, err:
     os._exit(code)
 
 
+def start_python(args: Sequence[str], cwd: str | Path, env: Mapping[str, str], out: str | Path,
+                 err: str | Path) -> multiprocessing.process.BaseProcess:
+    """Start ``python *args`` in ``cwd`` forked from the server, its stdout and stderr written to the files ``out``
+    and ``err``; returns the running process (``kill()`` sends it SIGKILL)."""
+    process = _fork_server().Process(target=_child, args=(list(args), str(cwd), dict(env), str(out), str(err)))
+    process.start()
+    return process
+
+
 def run_python(args: Sequence[str], cwd: str | Path, timeout: float = 600,
                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python *args`` in ``cwd`` (``args`` start with ``-m <module>`` or a script path), captured."""
@@ -85,8 +94,7 @@ def run_python(args: Sequence[str], cwd: str | Path, timeout: float = 600,
                               env=env, check=False)
     with tempfile.TemporaryDirectory() as folder:
         out, err = str(Path(folder) / "stdout"), str(Path(folder) / "stderr")
-        process = _fork_server().Process(target=_child, args=(list(args), str(cwd), env, out, err))
-        process.start()
+        process = start_python(args, cwd, env, out, err)
         process.join(timeout)
         if process.is_alive():
             process.kill()

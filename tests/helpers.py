@@ -84,6 +84,19 @@ def overrides_for(tmp: Path, infer: bool = False, generate: bool = False, stage2
             "output_dir": str(tmp / "outputs"), **extra}
 
 
+def copied(overrides: Mapping[str, Any], dest: Path, keys: Sequence[str] = ("ckpt_dir", "output_dir")) -> dict:
+    """``overrides`` of a shared fixture with the folders under ``keys`` (checkpoints and outputs) copied into
+    ``dest``: a test that trains further or writes outputs works on the copies, so the fixture's other tests see
+    what the fixture made whatever order they run in. Data and latent cache stay shared (read only)."""
+    import shutil
+
+    moved = dict(overrides)
+    for key in keys:
+        moved[key] = str(dest / Path(overrides[key]).name)
+        shutil.copytree(overrides[key], moved[key])
+    return moved
+
+
 def torchrun(nproc: int = 2) -> list[str]:
     """The ``torchrun`` launcher (as ``python -m torch.distributed.run``) for ``nproc`` CPU processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

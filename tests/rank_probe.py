@@ -28,3 +28,17 @@ class SeenItems:
         self.folder.mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("RANK", "0"))
         (self.folder / f"rank{rank}.json").write_text(json.dumps({"epochs": engine.state.epoch, "seen": self.seen}))
+
+
+class PosteriorMean:
+    """A test-only handler: the autoencoder decodes its posterior mean instead of a sample of it, so that a run's
+    result does not depend on which rank draws which reparameterisation noise (each rank draws its own, which no
+    other world size reproduces)."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._use_the_mean)  # the trainer holds its networks by then
+
+    def _use_the_mean(self, engine: Engine) -> None:
+        from scripts.distributed import unwrap
+
+        unwrap(engine.g_network).sampling = lambda z_mu, z_sigma: z_mu

@@ -27,7 +27,7 @@ TRAIN_COND, GENERATE_COND = "configs/train_diffusion_conditional.json", "configs
 WORKFLOW_CONFIGS = [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE]
 #: shared ids a workflow config defines for itself: MONAI's infer property network_def is the workflow's own network
 #: (the reconstruction wrapper, the feature network); generation takes the noise schedule, spacing and orientation
-#: from the training record (common.json's defaults, read through its nested `recipe` macros, for weights without one)
+#: from the training record (common.json's defaults, read by its nested `recipe` entries, for weights without one)
 OWN_SHARED_IDS = {INFER_AE: {"network_def"}, EVALUATE: {"network_def"}}
 
 #: every workflow the README and the configs' comments show: name -> (config files, MONAI workflow type, data kind
@@ -72,20 +72,22 @@ def test_metadata_verifies_against_schema():
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
 
 
-def test_verify_net_in_out_autoencoder():
-    """The autoencoder is described by `autoencoder_data_format`, checked by pointing verify_net_in_out at it."""
-    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+def test_verify_net_in_out_reconstruction():
+    """`network_data_format` describes the served reconstruction network (image in, image out), what MONAI Label
+    reads for the task's input and output."""
     proc = _cli("verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
-                "--config_file", "['configs/common.json','configs/inference_autoencoder.json']",
-                "--_meta_#network_data_format", json.dumps(meta["autoencoder_data_format"]))
+                "--config_file", "['configs/common.json','configs/inference_autoencoder.json']")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
 
 
 def test_verify_net_in_out_diffusion_unet():
-    """`network_data_format` describes the diffusion UNet (latent in, latent out, through a fixed-timestep wrapper)."""
+    """`diffusion_data_format` describes the diffusion UNet (latent in, latent out, through a fixed-timestep wrapper),
+    checked by pointing verify_net_in_out at it."""
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
     proc = _cli("verify_net_in_out", "--net_id", "denoiser_def", "--meta_file", "configs/metadata.json",
-                "--config_file", "['configs/common.json','configs/inference.json']")
+                "--config_file", "['configs/common.json','configs/inference.json']",
+                "--_meta_#network_data_format", json.dumps(meta["diffusion_data_format"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
 
@@ -147,7 +149,7 @@ def test_every_workflow_passes_check_properties(name, data, tmp_path, request):
 
 def test_no_config_repeats_a_shared_definition_as_a_top_level_macro():
     """common.json is merged first, so no config takes a shared id again with a top-level '%configs/common.json#<id>'
-    macro (nested macros, generation's `recipe#<id>` reads of the raw defaults, are reads, not repeats): adding a
+    macro (generation's `recipe#<id>` reads of the raw defaults are reads, not repeats): adding a
     shared definition touches common.json only."""
     repeats = [f"{path.name}: {key}" for path in sorted((ROOT / "configs").glob("*.json")) if path.name != "common.json"
                for key, value in json.loads(path.read_text()).items()
@@ -166,7 +168,8 @@ def test_workflow_configs_hold_only_their_own_keys(config_file):
     redefined = [k for k in workflow if k in common and k not in own and not k.startswith("_")]
     assert not redefined, f"{config_file} redefines shared ids of common.json: {redefined}"
     for key in recipe:
-        assert recipe[key] == f"%configs/common.json#{key}", f"{config_file}: 'recipe#{key}' must read common.json"
+        assert recipe[key] == f"$scripts.checks.common_default('{key}')", \
+            f"{config_file}: 'recipe#{key}' must read common.json"
         assert f"'{key}', @recipe#{key})" in workflow[key], f"{config_file}: '{key}' must fall back to the recipe"
     # without common.json, the first initialize step still runs (and names the fix, tests/test_layering.py)
     assert workflow.get("+imports") == ["$import scripts"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scripts import distributed
-from tests.helpers import COMMON, overrides_for, run_bundle, torchrun
+from tests.helpers import COMMON, TINY, config_network, overrides_for, run_bundle, torchrun
 
 STAGE1 = [COMMON, "configs/train_autoencoder.json", "configs/multi_gpu_train_autoencoder.json"]
 PROBE = "$list(@train#handlers) + [monai.utils.instantiate('tests.rank_probe.SeenItems', 'default', folder='{folder}')]"
@@ -58,14 +58,16 @@ def test_scaled_learning_rate_in_checkpoint(ddp_stage1):
     assert state["engine"]["epoch"] == 2 and state["engine"]["iteration"] == 6  # 3 iterations per rank per epoch
 
 
-def test_validation_metric_is_reduced_over_both_ranks(ddp_stage1):
+def test_validation_metric_is_reduced_over_both_ranks(ddp_stage1, tmp_path):
     """Each rank validates one of the 2 validation volumes; the logged PSNR is the mean over both, as a
     single-process reconstruction of the validation split with the final weights measures it."""
     tmp, proc = ddp_stage1
     logged = re.findall(r"Epoch\[2\] Metrics -- .*?val_psnr: ([0-9.]+)", proc.stdout + proc.stderr)
     assert len(logged) == 1  # rank 0 logs, once
-    run_bundle([COMMON, "configs/inference_autoencoder.json"], overrides_for(tmp, infer=True, split="validation"))
-    summary = json.loads(next((tmp / "outputs").glob("reconstruction_*/summary.json")).read_text())
+    # written outside the fixture's folder, whose single run folder another test counts
+    run_bundle([COMMON, "configs/inference_autoencoder.json"],
+               overrides_for(tmp, infer=True, split="validation", output_dir=str(tmp_path / "outputs")))
+    summary = json.loads(next((tmp_path / "outputs").glob("reconstruction_*/summary.json")).read_text())
     assert summary["num_volumes"] == 2
     assert float(logged[0]) == pytest.approx(summary["psnr"]["mean"], abs=1e-3)
 
@@ -94,3 +96,48 @@ def test_overlay_without_torchrun_names_the_fix(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
         distributed.init_process_group()
+
+
+#: largest difference allowed between the weights of equivalent runs (float32 sums in another order)
+EQUIVALENCE_TOLERANCE = 1e-5
+POSTERIOR_MEAN = "$list(@train#handlers) + [monai.utils.instantiate('tests.rank_probe.PosteriorMean', 'default')]"
+
+
+def test_two_processes_and_accumulation_equal_one_process_at_the_same_global_batch(tmp_path, monkeypatch):
+    """One stage-1 epoch (adversarial on): 2 Gloo processes x batch 1, and 1 process x batch 1 x 2 accumulated
+    steps, end with the weights of 1 process x batch 2: same samples per step (the overlay's sampler, whole-volume
+    crops), same learning rate (2 samples per step), the posterior mean decoded (no per-rank noise). Plain SGD, whose
+    update is linear in the gradient: Adam divides by the gradient's size, so where a gradient is near zero it turns
+    float rounding into a step of up to lr (measured with Adam: median difference 6e-7, largest 7e-4)."""
+    import socket
+
+    def run(name, launcher=None, **extra):
+        ov = overrides_for(tmp_path, ckpt_dir=str(tmp_path / name), output_dir=str(tmp_path / "outputs"), max_epochs=1,
+                           val_interval=100, save_interval=1, adversarial_weight=0.01, adversarial_warmup_epochs=0,
+                           train_patch_size=[32, 32, 32], amp=False, base_learning_rate=0.01,
+                           **{"train#trainer#train_handlers": POSTERIOR_MEAN, "goptimizer#_target_": "torch.optim.SGD",
+                              "doptimizer#_target_": "torch.optim.SGD"}, **extra)
+        run_bundle(STAGE1, ov, launcher=launcher, timeout=900)
+        return torch.load(tmp_path / name / "checkpoint_autoencoder.pt", weights_only=True)
+
+    with socket.socket() as s:  # a world of one process, in the forked test process (no torchrun start-up)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port)}
+    for key, value in world_of_one.items():
+        monkeypatch.setenv(key, value)
+    one = run("one", train_batch_size=2)
+    accumulated = run("accumulated", train_batch_size=1, gradient_accumulation_steps=2)
+    for key in world_of_one:
+        monkeypatch.delenv(key)
+    two = run("two", launcher=torchrun(2), train_batch_size=1)
+    initial = config_network("autoencoder_def", TINY, seed=0).state_dict()  # what seed 0 builds, as the runs did
+    moved = max(float((one["autoencoder"][k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-3, "the epoch must move the weights for the comparison to mean anything"
+    for other, name in ((two, "2 processes"), (accumulated, "accumulation")):
+        assert other["engine"]["epoch"] == 1 and other["g_step"] == one["g_step"]
+        worst = max(float((other[net][k] - one[net][k]).abs().max())
+                    for net in ("autoencoder", "discriminator") for k in one[net] if one[net][k].is_floating_point())
+        print(f"{name} vs 1 process: largest weight difference {worst:.3g} (weights moved up to {moved:.3g})")
+        assert worst <= EQUIVALENCE_TOLERANCE, f"{name}: {worst}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +57,42 @@ def test_unreadable_image(data, tmp_path):
     proc = _train(tmp_path, datalist=_datalist_with(data, tmp_path, str(bad)), dataset_dir=str(data))
     line = _last_line(proc)
     assert "cannot read image" in line and str(bad) in line
+
+
+def _bad_image(data, tmp_path, kind: str) -> str:
+    """A file (or folder) of the kind named, made from a good demo volume."""
+    good = data / json.loads((data / "datalist.json").read_text())["training"][0]["image"]
+    if kind == "truncated":  # header fine, data cut to a third: stage 1 died with SIGABRT on it
+        path = tmp_path / "truncated.nii.gz"
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    elif kind == "directory":
+        path = tmp_path / "a_folder"
+        path.mkdir()
+        (path / "notes.txt").write_text("no image here")
+    else:
+        img = nib.load(good)
+        volume = np.asarray(img.dataobj, dtype=np.float32)
+        volume = {"2D": volume[:, :, 0], "5D": volume[:8, :8, :8, None, None].repeat(2, 3).repeat(2, 4),
+                  "NaN": np.where(np.arange(volume.size).reshape(volume.shape) == 7, np.nan, volume)}[kind]
+        path = tmp_path / f"{kind}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, img.affine), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("truncated", "is truncated: its header implies"),
+    ("directory", "is a directory, not an image file"),
+    ("2D", "is 2D (shape (32, 32))"),
+    ("5D", "is 5D (shape (8, 8, 8, 2, 2))"),
+    ("NaN", "holds 1 NaN or infinite voxels"),
+])
+def test_bad_image_is_named_before_training(data, tmp_path, kind, words):
+    bad = _bad_image(data, tmp_path, kind)
+    proc = _train(tmp_path, datalist=_datalist_with(data, tmp_path, bad), dataset_dir=str(data), num_workers=2)
+    line = _last_line(proc)
+    assert words in line and f"'{bad}'" in line and "remove it from the datalist" in line, line
+    assert proc.returncode == 1 and "Epoch[1]" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "models").exists(), "nothing may be trained or written"
 
 
 def test_missing_datalist(tmp_path):
@@ -118,3 +156,94 @@ def test_non_finite_loss_stops_with_epoch_iteration_and_term(tmp_path):
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["engine"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["autoencoder"].values())
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "not_a_checkpoint"])
+def test_bad_resume_checkpoint_is_named_and_left_intact(tmp_path, kind):
+    """A resume checkpoint cut short, written by another workflow, or not a checkpoint at all: one line naming it,
+    before any iteration, and the file is left as it was."""
+    from scripts.engines import AutoencoderTrainer
+    from scripts.handlers import TrainingCheckpoint
+    from scripts.losses import AutoencoderLoss
+
+    ae = config_network("autoencoder_def", TWO_LEVEL_AUTOENCODER, seed=0)
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    path = tmp_path / "checkpoint_autoencoder.pt"
+    if kind == "truncated":
+        torch.save({"autoencoder": ae.state_dict(), "g_optimizer": opt.state_dict()}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "foreign":  # a stage-2 checkpoint
+        torch.save({"diffusion": {}, "ema": {}, "optimizer": {}, "engine": {"epoch": 1, "iteration": 3}}, path)
+    else:
+        path.write_text("not a checkpoint")
+    before = path.read_bytes()
+    ckpt = TrainingCheckpoint(str(tmp_path), {"autoencoder": ae, "g_optimizer": opt},
+                              filename="checkpoint_autoencoder.pt", resume=True)
+    trainer = AutoencoderTrainer(device="cpu", max_epochs=2, g_network=ae, g_optimizer=opt,
+                                 train_data_loader=[{"image": torch.rand(1, 1, 16, 16, 16)}],
+                                 loss_function=AutoencoderLoss(), train_handlers=[ckpt])
+    words = "lacks ['autoencoder', 'g_optimizer', 'g_step']: it was written by another workflow" \
+        if kind == "foreign" else "with weights_only=True"
+    with pytest.raises(ValueError, match=rf"{path}.*{words}|{words}.*{path}".replace("[", r"\[").replace("]", r"\]")):
+        trainer.run()
+    assert trainer.state.iteration == 0 and path.read_bytes() == before
+
+
+def test_corrupt_latent_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
+    """A latent cache cut short, with NaNs, or listing other files is re-encoded (with a warning), never used."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from scripts.latents import cached_latents
+
+    ae = config_network("autoencoder_def", TWO_LEVEL_AUTOENCODER, seed=0)
+    items = []
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.random.rand(16, 16, 16).astype(np.float32), np.eye(4)), tmp_path / f"{i}.nii")
+        items.append({"image": str(tmp_path / f"{i}.nii")})
+    transform = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
+    (ae_path := tmp_path / "model_autoencoder.pt").write_bytes(b"weights")  # the cache key hashes this file
+
+    def latents():
+        return cached_latents(ae, str(ae_path), items, transform, str(tmp_path / "cache"), "training", "cpu")
+
+    good = latents()
+    cache = next((tmp_path / "cache").glob("latents_training_*.pt"))
+    assert "encoded 2 training" in capsys.readouterr().out
+    nan = [{**good[0], "z_mu": good[0]["z_mu"] * float("nan")}, good[1]]
+    for damage, words in [(lambda: cache.write_bytes(cache.read_bytes()[:100]), "cannot be read"),
+                          (lambda: torch.save(nan, cache), "holds no finite z_mu/z_sigma pair"),
+                          (lambda: torch.save(good[::-1], cache), "does not list"),
+                          (lambda: torch.save(good[:1], cache), "holds 1 items, expected 2")]:
+        damage()
+        rebuilt = latents()
+        out = capsys.readouterr().out
+        assert f"WARNING: cache '{cache}' {words}" in out and "rebuilding it" in out and "encoded 2" in out, out
+        assert all(torch.equal(a["z_mu"], b["z_mu"]) for a, b in zip(rebuilt, good, strict=True))
+    latents()
+    assert "encoded" not in capsys.readouterr().out  # a sound cache is used as it is
+
+
+def test_image_check_reads_only_the_header_and_gzip_trailer_of_a_sound_file(data, tmp_path, monkeypatch):
+    """A sound .nii.gz is accepted from its header and gzip trailer (start-up stays fast for thousands of files);
+    a file in several gzip members is decompressed to be sure, and one 10 bytes short is refused."""
+    import gzip
+    import zlib
+
+    from scripts.data import check_readable
+
+    good = data / json.loads((data / "datalist.json").read_text())["training"][0]["image"]
+    raw = gzip.decompress(good.read_bytes())
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:-10]))
+    check_readable(tmp_path / "members.nii.gz")
+    with pytest.raises(ValueError, match=rf"short.nii.gz' is truncated: its header implies {len(raw)} bytes, the "
+                                         rf"file holds {len(raw) - 10}"):
+        check_readable(tmp_path / "short.nii.gz")
+    decompressobj = zlib.decompressobj
+
+    def header_only(*args, **kwargs):  # gzip reads the header with raw deflate; the full check asks for gzip format
+        assert args[:1] != (16 + zlib.MAX_WBITS,), "a sound file was decompressed in full"
+        return decompressobj(*args, **kwargs)
+
+    monkeypatch.setattr(zlib, "decompressobj", header_only)
+    check_readable(good)

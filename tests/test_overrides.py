@@ -132,7 +132,7 @@ def test_amp_false_and_true_end_to_end(tmp_path):
         recon[amp] = torch.as_tensor(nib.load(next(folder.glob("*_reconstruction.nii.gz"))).get_fdata())
         image = torch.as_tensor(nib.load(next(folder.glob("*_input.nii.gz"))).get_fdata(), dtype=torch.float32)
     network = parser.get_parsed_content("reconstruction_def").eval()
-    network.autoencoder.load_state_dict(torch.load(tmp_path / "models" / "model_autoencoder.pt"))
+    network.load_state_dict(torch.load(tmp_path / "models" / "model_autoencoder.pt"))  # strictly: no key prefix
     with torch.no_grad():
         reference = parser.get_parsed_content("reconstruction_inferer")(image[None, None], network)[0, 0].double()
     torch.testing.assert_close(recon["false"], reference, atol=1e-4, rtol=0)

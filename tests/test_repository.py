@@ -22,11 +22,17 @@ DOCUMENTED_COMMANDS_NEED = {
     "ruff": "ruff check . (.ci/run)",
 }
 LOCAL = {"scripts", "tests", "bench", "main"}
+#: the MONAI Label app runs in its own environment (apps/monailabel/install.sh): the bundle's runtime, the app's
+#: requirements and monailabel itself (installed with --no-deps); bundle_tasks is the module beside its main.py
+APP = "apps/monailabel"
+APP_REQUIREMENTS = ("requirements.txt", f"{APP}/requirements.txt")
+APP_NO_DEPS = {"monailabel", "pydicom-seg"}
+APP_LOCAL = {"bundle_tasks"}
 
 
-def _requirements() -> set[str]:
+def _requirements(files=("requirements.txt", "requirements-dev.txt")) -> set[str]:
     names = set()
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in files:
         for line in (ROOT / name).read_text().splitlines():
             line = line.split("#")[0].strip()
             if line and not line.startswith("-"):
@@ -38,19 +44,21 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _imported_distributions() -> dict[str, str]:
-    """Third-party distribution -> a file importing it, over every Python file of the repository."""
+def _imported_distributions(app: bool = False) -> dict[str, str]:
+    """Third-party distribution -> a file importing it, over every Python file of the repository (``app``: of the
+    MONAI Label app only; else every other)."""
     owners = importlib.metadata.packages_distributions()
     found = {}
     for path in sorted(ROOT.rglob("*.py")):
-        if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+        parts = path.relative_to(ROOT).parts
+        if any(part.startswith(".") for part in parts) or ("/".join(parts).startswith(f"{APP}/") != app):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
             for module in modules:
                 top = module.split(".")[0]
-                if top in sys.stdlib_module_names or top in LOCAL or top == "__future__":
+                if top in sys.stdlib_module_names or top in LOCAL or top == "__future__" or (app and top in APP_LOCAL):
                     continue
                 for dist in owners.get(top, [top]):
                     found.setdefault(_normal(dist), str(path.relative_to(ROOT)))
@@ -60,6 +68,17 @@ def _imported_distributions() -> dict[str, str]:
 def test_requirements_cover_every_import():
     missing = {d: f for d, f in _imported_distributions().items() if d not in _requirements()}
     assert not missing, f"imported but in no requirements file: {missing}"
+
+
+def test_the_monailabel_recipe_covers_every_import_of_the_app():
+    """The app's imports are in its environment: the bundle's runtime, its requirements, or installed --no-deps by
+    apps/monailabel/install.sh."""
+    recipe = (ROOT / APP / "install.sh").read_text()
+    assert all(name in recipe for name in APP_NO_DEPS) and all(f in recipe.replace("$BUNDLE/", "")
+                                                               for f in APP_REQUIREMENTS)
+    known = _requirements(APP_REQUIREMENTS) | APP_NO_DEPS
+    missing = {d: f for d, f in _imported_distributions(app=True).items() if d not in known}
+    assert not missing, f"imported by the MONAI Label app but not installed by its recipe: {missing}"
 
 
 @pytest.mark.parametrize("dist", list(DOCUMENTED_COMMANDS_NEED))

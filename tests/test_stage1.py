@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import COMMON, overrides_for, run_bundle
+from tests.helpers import COMMON, copied, overrides_for, run_bundle
 
 TRAIN = [COMMON, "configs/train_autoencoder.json"]
 INFER = [COMMON, "configs/inference_autoencoder.json"]
@@ -57,9 +57,10 @@ def test_training_writes_checkpoints_previews_and_loss_goes_down(trained):
 
 def test_resume_continues_epoch_count(trained, tmp_path):
     tmp, ov, _ = trained
+    ov = copied(ov, tmp_path)  # the other tests read the 2-epoch run
     proc = run_bundle(TRAIN, {**ov, "max_epochs": 3, "resume": True, "val_interval": 5})
     assert "resumed from" in proc.stdout and "epoch 2" in proc.stdout
-    state = torch.load(tmp / "models" / "checkpoint_autoencoder.pt", weights_only=True)
+    state = torch.load(tmp_path / "models" / "checkpoint_autoencoder.pt", weights_only=True)
     assert state["engine"]["epoch"] == 3
     assert state["engine"]["iteration"] == 3 * state["engine"]["epoch_length"]
 

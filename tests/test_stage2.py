@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scripts.storage import file_sha256
-from tests.helpers import COMMON, config_network, overrides_for, run_bundle
+from tests.helpers import COMMON, config_network, copied, overrides_for, run_bundle
 
 STAGE1 = [COMMON, "configs/train_autoencoder.json"]
 STAGE2 = [COMMON, "configs/train_diffusion.json"]
@@ -86,12 +86,13 @@ def test_every_training_run_writes_its_merged_config_and_provenance(trained):
     assert facts["inputs_sha256"]["autoencoder"] == file_sha256(tmp / "models" / "model_autoencoder.pt")
 
 
-def test_stage2_layered_after_stage1_resumes_and_reuses_cache(trained):
+def test_stage2_layered_after_stage1_resumes_and_reuses_cache(trained, tmp_path):
     """The Model Zoo BraTS layering (common, train_autoencoder, train_diffusion) continues the same run."""
     tmp, ov, _ = trained
+    ov = copied(ov, tmp_path)  # the other tests read the 2-epoch run
     proc = run_bundle(STAGE2_AFTER_STAGE1, {**ov, "max_epochs": 3, "resume": True, "val_interval": 10})
     assert "resumed from" in proc.stdout and "[latents] encoded" not in proc.stdout
-    state = torch.load(tmp / "models" / "checkpoint_diffusion.pt", weights_only=True)
+    state = torch.load(tmp_path / "models" / "checkpoint_diffusion.pt", weights_only=True)
     assert state["engine"]["epoch"] == 3
 
 

@@ -363,36 +363,45 @@ def test_scale_factor_is_applied_once_each_way():
     torch.testing.assert_close(decode_latents(ae, seen[0], 0.3), reconstruction, atol=1e-5, rtol=1e-5)
 
 
-def test_model_best_keeps_the_lowest_validation_loss(tmp_path):
-    """The validation CheckpointSaver of configs/train_diffusion.json, driven by rounds of falling then rising loss."""
+def test_model_best_keeps_the_lowest_validation_loss_and_its_score_survives_resume(tmp_path):
+    """The validation ``BestWeights`` of configs/train_diffusion.json, driven by rounds of falling then rising loss;
+    a new handler given the saved state (a resumed run) replaces the file only with a better round."""
     from ignite.engine import Engine, Events
     from monai.bundle import ConfigParser
-    from monai.handlers import CheckpointSaver
 
+    from scripts.engines import lower_is_better
+    from scripts.handlers import BestWeights
     from tests.helpers import ROOT
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train_diffusion.json"))
-    spec = next(h for h in parser.get("validate#handlers") if h.get("_target_") == "CheckpointSaver")
-    settings = {k: v for k, v in spec.items() if not k.startswith("_") and k not in ("save_dir", "save_dict")}
+    assert parser.get("validate#best_weights#_target_") == "scripts.handlers.BestWeights"
+    assert "@validate#best_weights" in parser.get("validate#handlers")
+    filename = parser.get("validate#best_weights#filename")
     net = nn.Linear(1, 1)
-    losses = [0.5, 0.2, 0.4, 0.3]
-    rounds = iter(enumerate(losses))
-    evaluator = Engine(lambda engine, batch: None)
 
-    @evaluator.on(Events.EPOCH_COMPLETED)
-    def score(engine):  # what LatentDiffusionEvaluator's Average metric reports, before the saver runs
-        i, loss = next(rounds)
-        engine.state.key_metric_name = "val_loss"
-        engine.state.metrics = {"val_loss": loss}
-        with torch.no_grad():
-            net.weight.fill_(i)  # the weights of round i
+    def validate(handler, losses, first_round=0):
+        rounds = iter(enumerate(losses, first_round))
+        evaluator = Engine(lambda engine, batch: None)
+        evaluator.metric_cmp_fn = lower_is_better  # what LatentDiffusionEvaluator is given
 
-    from unittest import mock
+        @evaluator.on(Events.EPOCH_COMPLETED)
+        def score(engine):  # what LatentDiffusionEvaluator's Average metric reports, before the handler runs
+            i, loss = next(rounds)
+            engine.state.key_metric_name = "val_loss"
+            engine.state.metrics = {"val_loss": loss}
+            with torch.no_grad():
+                net.weight.fill_(i)  # the weights of round i
 
-    with mock.patch("ignite.distributed.get_rank", return_value=0):  # whatever an earlier test left in ignite's idist
-        CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, **settings).attach(evaluator)
+        handler.attach(evaluator)
         for _ in losses:
             evaluator.run([0])
-    best = torch.load(tmp_path / "model_best.pt", weights_only=True)
-    assert float(best["weight"]) == losses.index(min(losses))
+
+    first = BestWeights(str(tmp_path), net, filename)
+    validate(first, [0.5, 0.2, 0.4, 0.3])
+    assert float(torch.load(tmp_path / filename, weights_only=True)["weight"]) == 1
+    resumed = BestWeights(str(tmp_path), net, filename)
+    resumed.load_state_dict(first.state_dict())
+    validate(resumed, [0.25, 0.1], first_round=4)  # 0.25 is worse than 0.2 of round 1: kept; 0.1 is better
+    assert float(torch.load(tmp_path / filename, weights_only=True)["weight"]) == 5
+    assert resumed.state_dict() == {"best_score": 0.1, "best_epoch": 1}

@@ -21,7 +21,6 @@ from scripts.autoencoders import (
 )
 from scripts.handlers import CodebookUsage
 from scripts.losses import AutoencoderLoss
-from scripts.networks import AutoencoderReconstruction
 from tests.helpers import COMMON, TINY, config_network, overrides_for, run_bundle
 
 VQ_TRAIN = [COMMON, "configs/train_autoencoder.json", "configs/vqvae.json"]
@@ -62,7 +61,7 @@ def test_one_adapter_interface_for_kl_and_vq_autoencoders():
     vq.train()
     codebook = vq.quantizer.quantizer.embedding.weight.detach().clone()
     z_mu, z_sigma = adapt(vq).posterior(x)
-    recon = AutoencoderReconstruction(vq)(x)
+    recon = adapt(vq).reconstruction_network()(x)
     assert z_mu.shape == (2, 4, 4, 4, 4) and float(z_sigma.abs().max()) == 0.0 and recon.shape == x.shape
     assert torch.equal(vq.quantizer.quantizer.embedding.weight, codebook)
     assert _is_codebook_vector(z_mu, codebook)

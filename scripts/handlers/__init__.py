@@ -1,6 +1,7 @@
-"""Ignite/MONAI handlers of the bundle: checkpoints and resume, EMA updates, previews and loss curves, progress,
-VQ codebook usage."""
+"""Ignite/MONAI handlers of the bundle: checkpoints and resume, the best model, EMA updates, previews and loss
+curves, progress, VQ codebook usage."""
 
+from scripts.handlers.best import BestWeights
 from scripts.handlers.checkpoint import TrainingCheckpoint
 from scripts.handlers.codebook import CodebookUsage
 from scripts.handlers.ema import EMA, EMAUpdate
@@ -9,6 +10,7 @@ from scripts.handlers.progress import ProgressBar
 from scripts.handlers.tracking import LossTermsForTracking, adapt_tracking_handlers
 
 __all__ = [
+    "BestWeights",
     "EMA",
     "EMAUpdate",
     "CodebookUsage",

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.distributed import any_rank, is_main_rank, unwrap
+from scripts.distributed import any_rank, gather_object, is_main_rank, rank, unwrap, world_size
+from scripts.randomness import RandomStates
 from scripts.records import RECORD_FILENAME
-from scripts.storage import atomic_save, atomic_write_json, file_sha256, load_checkpoint
+from scripts.storage import atomic_save, atomic_write_json, file_sha256, load_checkpoint, remove_stale_temporaries
 
 __all__ = ["TrainingCheckpoint"]
 
@@ -30,9 +31,15 @@ def _plain_weights(obj: object, state: dict) -> dict:
     return state
 
 
+#: key of the random states in the checkpoint: one :class:`scripts.randomness.RandomStates` state per rank
+RNG_KEY = "rng"
+
+
 class TrainingCheckpoint:
     """Save and restore everything a run needs to continue: networks, optimisers, LR schedulers, grad scalers,
-    EMA weights and the engine's epoch and iteration counts.
+    EMA weights, the best-model score (a :class:`BestWeights` in ``save_dict``), the random states of every rank
+    (generators and the training data's random transforms) and the engine's epoch and iteration counts, so that
+    a run stopped after an epoch and resumed computes what an uninterrupted run computes.
 
     Files (all written with a temporary name then renamed, on rank 0 only):
         - ``save_dir/filename``: the full training state, updated every ``save_interval`` epochs and at the end;
@@ -40,6 +47,9 @@ class TrainingCheckpoint:
           the stable names inference configs read, updated at the same moments;
         - ``save_dir/record_filename``: the training record (see :mod:`scripts.records`) as JSON, with the epoch,
           the iteration and the sha256 of each weight file written with it; also in the checkpoint as ``record``.
+
+    A run killed while writing leaves the previous complete files (and a temporary file, removed when the next run
+    attaches this handler).
 
     Args:
         save_dir: folder of the checkpoint files.
@@ -98,6 +108,10 @@ class TrainingCheckpoint:
         return self.save_dir / self.filename
 
     def attach(self, engine: Engine) -> None:
+        if is_main_rank():
+            for fname in (self.filename, *self.weights.values(), self.record_filename):
+                for tmp in remove_stale_temporaries(self.save_dir / fname):
+                    logger.warning(f"removed '{tmp}', left by a run killed while writing '{fname}'")
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         if self.save_interval > 0:
@@ -131,8 +145,13 @@ class TrainingCheckpoint:
         return objects
 
     def save(self, engine: Engine) -> None:
-        """Write the checkpoint and the plain weight files (rank 0 only; once per iteration count)."""
-        if not is_main_rank() or engine.state.iteration == self._last_saved_iteration:
+        """Write the checkpoint and the plain weight files (rank 0 only, with every rank's random states; once per
+        iteration count). Every rank calls it at the same events."""
+        if engine.state.iteration == self._last_saved_iteration:
+            return
+        self._last_saved_iteration = engine.state.iteration
+        random_states = gather_object(RandomStates(getattr(engine, "data_loader", None)).state_dict())
+        if not is_main_rank():
             return
         state = {name: unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
                  for name, obj in self._objects(engine).items()}
@@ -140,6 +159,7 @@ class TrainingCheckpoint:
         mid_epoch = bool(length) and engine.state.iteration % length != 0
         state["engine"] = {"epoch": engine.state.epoch - 1 if mid_epoch else engine.state.epoch,  # completed epochs
                            "iteration": engine.state.iteration, "epoch_length": length}
+        state[RNG_KEY] = random_states
         if self.record is not None:
             state["record"] = self.record
         atomic_save(state, self.path)
@@ -149,7 +169,6 @@ class TrainingCheckpoint:
             written = {fname: file_sha256(self.save_dir / fname) for fname in self.weights.values()}
             atomic_write_json({**self.record, **state["engine"], "weights_sha256": written},
                               self.save_dir / self.record_filename)
-        self._last_saved_iteration = engine.state.iteration
         logger.info(f"saved checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")
 
     def resume_path(self) -> Path:
@@ -166,13 +185,16 @@ class TrainingCheckpoint:
         state = load_checkpoint(path, map_location=engine.state.device if hasattr(engine.state, "device") else "cpu",
                                 what="resume checkpoint")
         objects = self._objects(engine)
-        missing = [k for k in objects if k not in state]
+        # an object that a checkpoint of an earlier version lacks (the best-model score) starts afresh
+        missing = [k for k in objects if k not in state and not getattr(objects[k], "optional_in_checkpoint", False)]
         if missing or "engine" not in state:
             raise ValueError(
                 f"resume checkpoint '{path}' lacks {missing or ['engine']}: it was written by another workflow. "
                 "Resume with the config that wrote it."
             )
         for name, obj in objects.items():
+            if name not in state:
+                continue
             try:
                 (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(state[name])
             except (RuntimeError, ValueError, KeyError) as e:
@@ -189,5 +211,20 @@ class TrainingCheckpoint:
         engine.state.iteration = int(done["iteration"])
         engine.state.epoch = int(done["epoch"])
         self._last_saved_iteration = engine.state.iteration
+        randomness = self._restore_random_states(engine, state.get(RNG_KEY))
         if is_main_rank():
-            print(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}", flush=True)
+            print(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}{randomness}",
+                  flush=True)
+
+    def _restore_random_states(self, engine: Engine, states: list | None) -> str:
+        """Restore this rank's random states; the words the resume line ends with when they cannot be."""
+        if not states:
+            return " (the checkpoint holds no random states: the run continues with fresh random draws)"
+        if len(states) != world_size():
+            return (f" (random states of {len(states)} processes, this run has {world_size()}: the run continues "
+                    "with fresh random draws)")
+        try:
+            RandomStates(getattr(engine, "data_loader", None)).load_state_dict(states[rank()])
+        except (ValueError, KeyError, TypeError) as e:
+            return f" (random states not restored: {e}; the run continues with fresh random draws)"
+        return ""
