@@ -4,13 +4,14 @@ Modules by role: ``demo_data`` and ``data`` (datalists, demo volumes, batch prep
 interface for the KL and VQ stage-1 networks: posterior, decoding, downsampling factor, size checks), ``networks``
 (single-tensor inference and export wrappers), ``weights`` (weight loading, monai-generative conversion),
 ``losses``, ``engines`` (trainers), ``handlers`` (checkpoints, previews, progress, codebook usage), ``schedulers``
-(noise schedulers by name, sampling steps), ``diffusion`` (the stage-2 objective), ``sampling`` (the sampling loop
-and pipeline), ``records`` (the stage-2 training record), ``provenance`` (merged config, versions and hashes beside
-every run), ``generation``, ``controlnet`` and ``synthesis`` (label-map control: vocabulary, objective, image +
-label pairs), ``layout`` (3D box layouts: validation, rasterisation in mm or voxels), ``reconstruction`` (stage-1
-inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``), ``package`` (Model Zoo zip),
-``evaluation`` (generation quality), ``checks`` (config validation, typed command-line values), ``nifti`` (NIfTI
-writing and affines), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
+(noise schedulers by name, sampling steps), ``diffusion`` (the stage-2 objective), ``conditioning`` and ``text``
+(declared conditions, their encoder and null tokens, prompts), ``sampling`` (the sampling loop and pipeline,
+per-condition guidance), ``records`` (the stage-2 training record), ``provenance`` (merged config, versions and
+hashes beside every run), ``generation``, ``controlnet`` and ``synthesis`` (label-map control: vocabulary,
+objective, image + label pairs), ``layout`` (3D box layouts: validation, rasterisation in mm or voxels),
+``reconstruction`` (stage-1 inference), ``distributed`` (torchrun/DDP), ``launch`` (the LDM-style ``main.py``),
+``package`` (Model Zoo zip), ``evaluation`` (generation quality), ``checks`` (config validation, typed command-line
+values), ``nifti`` (NIfTI writing and affines), ``storage`` (atomic writes), ``visualize`` (PNG figures), ``errors``.
 
 Submodules load on first use (``scripts.data.load_datalist`` in a config imports ``scripts.data``), so that
 ``python -m scripts.demo_data`` stays light.
@@ -25,10 +26,10 @@ from typing import Any
 from scripts.errors import install_error_summary
 
 __all__ = [
-    "autoencoders", "checks", "controlnet", "data", "demo", "demo_data", "diffusion", "distributed", "engines",
-    "errors", "evaluation", "generation", "handlers", "latents", "launch", "layout", "losses", "networks", "nifti",
-    "package", "provenance", "reconstruction", "records", "sampling", "schedulers", "serving", "storage", "synthesis",
-    "visualize", "weights",
+    "autoencoders", "checks", "conditioning", "controlnet", "data", "demo", "demo_data", "diffusion", "distributed",
+    "engines", "errors", "evaluation", "generation", "handlers", "latents", "launch", "layout", "losses", "networks",
+    "nifti", "package", "provenance", "reconstruction", "records", "sampling", "schedulers", "serving", "storage",
+    "synthesis", "text", "visualize", "weights",
 ]
 
 #: the bundle folder (the one holding ``configs/`` and this package): the default ``bundle_root`` of every workflow,

@@ -7,7 +7,7 @@ Sampling is :mod:`scripts.sampling`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.engines.utils import DiffusionPrepareBatch
@@ -15,6 +15,9 @@ from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
 from scripts.latents import PrepareLatents
+
+if TYPE_CHECKING:
+    from scripts.conditioning import Conditions
 
 __all__ = ["LatentDiffusionPrepareBatch", "batch_condition", "diffusion_target", "sample_timesteps"]
 
@@ -84,15 +87,21 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         latents: ``(batchdata, device, non_blocking) -> (z_mu, z_sigma)``; default :class:`PrepareLatents`.
         condition_name: batch key of the condition tensor, or a list of datalist fields stacked as features
             (:func:`batch_condition`); ``None``: unconditional.
+        conditions: the declared conditions (:class:`scripts.conditioning.Conditions`): the batch's ``condition``
+            holds their raw rows ``(B, width)`` and each condition is dropped to its null independently with its
+            ``drop_prob`` (:meth:`~scripts.conditioning.Conditions.drop`), the classifier-free guidance training.
 
     Calling it with ``generator=`` draws latents, noise and timesteps from that generator (the validator's fixed
     randomness); otherwise from the global RNG.
     """
 
     def __init__(self, noise_scheduler: nn.Module, scale_factor: float, latents: Callable | None = None,
-                 condition_name: str | Sequence[str] | None = None) -> None:
+                 condition_name: str | Sequence[str] | None = None, conditions: Conditions | None = None) -> None:
+        if conditions is not None and condition_name is None:
+            condition_name = "condition"
         super().__init__(num_train_timesteps=int(noise_scheduler.num_train_timesteps),
                          condition_name=condition_name or None)
+        self.conditions = conditions
         self.noise_scheduler = noise_scheduler
         self.scale_factor = float(scale_factor)
         self.latents = PrepareLatents() if latents is None else latents
@@ -122,9 +131,12 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             noise = self.get_noise(latents)
             timesteps = self.get_timesteps(latents)
             target = self.get_target(latents, noise, timesteps)
+            infer_kwargs = {"noise": noise, "timesteps": timesteps}
+            if self.condition_name is not None:
+                condition = batch_condition(batchdata, self.condition_name, latents.device, non_blocking)
+                if self.conditions is not None:
+                    condition = self.conditions.drop(condition, self._generator)
+                infer_kwargs["condition"] = condition
         finally:
             self._generator = None
-        infer_kwargs = {"noise": noise, "timesteps": timesteps}
-        if self.condition_name is not None:
-            infer_kwargs["condition"] = batch_condition(batchdata, self.condition_name, latents.device, non_blocking)
         return latents, target, (), infer_kwargs

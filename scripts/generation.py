@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 
+from scripts.evaluation.control import ControlCheck, control_summary
 from scripts.nifti import centered_affine, save_nifti
 from scripts.provenance import write_provenance
 from scripts.sampling import LatentDiffusionPipeline, initial_noise, sample_generators
@@ -26,14 +27,16 @@ def sample_items(num_samples: int, seed: int = 0) -> list[dict[str, int]]:
     return [{"index": i, "seed": int(seed)} for i in range(int(num_samples))]
 
 
-def draw_samples(pipeline: LatentDiffusionPipeline, latent_shape: Sequence[int], items: Sequence[Mapping[str, int]],
-                 device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
+def draw_samples(pipeline: LatentDiffusionPipeline, latent_shape: Sequence[int], items: Sequence[Mapping[str, Any]],
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 condition: torch.Tensor | None = None) -> torch.Tensor:
     """Sample and decode one batch of :func:`sample_items` entries: images ``(len(items), C, *spatial)`` in image
-    space, on the CPU. Sample ``{"index": i, "seed": s}`` is a function of ``(s, i)`` only, whatever the batch."""
+    space, on the CPU. Sample ``{"index": i, "seed": s}`` is a function of ``(s, i)`` only, whatever the batch;
+    ``condition`` holds the batch's raw condition rows ``(len(items), width)`` when the pipeline has conditions."""
     noise = torch.cat([initial_noise(latent_shape, [int(s["index"])], int(s["seed"]), device) for s in items])
     generators = [g for s in items
                   for g in sample_generators(int(s["seed"]) + 1, [int(s["index"])], device=noise.device)]
-    return pipeline(noise, generators, progress=progress).cpu()
+    return pipeline(noise, generators, condition=condition, progress=progress).cpu()
 
 
 def sample_like(pipeline: LatentDiffusionPipeline, latent_shape: Sequence[int], reference: MetaTensor, seed: int = 0,
@@ -78,7 +81,8 @@ def generate(
     device: str | torch.device = "cpu",
     record: Mapping[str, Any] | None = None,
     progress: bool = True,
-    samples: Sequence[Mapping[str, int]] | None = None,
+    samples: Sequence[Mapping[str, Any]] | None = None,
+    control: ControlCheck | None = None,
 ) -> Path:
     """Generate ``num_samples`` volumes into a new folder ``output_dir/generated_<time>``.
 
@@ -99,14 +103,19 @@ def generate(
         device: device to sample on.
         record: extra facts for the manifest (files named by keys ending in ``_path`` are hashed).
         progress: show progress bars.
-        samples: the samples to draw, ``{"index", "seed"}`` items (:func:`sample_items`); default
-            ``sample_items(num_samples, seed)``.
+        samples: the samples to draw, ``{"index", "seed"}`` items (:func:`sample_items`), with ``"condition"``
+            (name -> requested value, :func:`scripts.conditioning.condition_samples`) when the pipeline has
+            conditions; default ``sample_items(num_samples, seed)``.
+        control: measures each sample for the control check (:class:`scripts.evaluation.control.ControlCheck`):
+            the manifest's ``samples`` entries then hold the requested and measured values, and ``control`` the
+            error per condition (:func:`scripts.evaluation.control.control_summary`).
     """
     run_dir = new_run_dir(output_dir, "generated")
     pipeline.network.eval().to(device)
     pipeline.autoencoder.eval().to(device)
     start = time.time()
-    files, volumes = [], []
+    files, volumes, entries = [], [], []
+    conditions = pipeline.conditions
     items = list(samples) if samples is not None else sample_items(num_samples, seed)
     num_samples = len(items)
     seeds = sorted({int(s["seed"]) for s in items})
@@ -120,17 +129,29 @@ def generate(
                    desc=f"generating ({type(pipeline.scheduler).__name__}, {pipeline.num_inference_steps} steps)")
     for batch in batches:
         indices = [int(s["index"]) for s in batch]
-        images = draw_samples(pipeline, latent_shape, batch, device, progress)
-        for i, image in zip(indices, images, strict=True):
+        requests = [dict(s.get("condition") or {}) for s in batch]
+        condition = None if conditions is None else conditions.rows(requests).to(device)
+        images = draw_samples(pipeline, latent_shape, batch, device, progress, condition)
+        for j, (i, image) in enumerate(zip(indices, images, strict=True)):
             affine = centered_affine(image.shape[1:], spacing, orientation)
             files.append(save_nifti(image, affine, run_dir / f"sample_{i:04d}.nii.gz"))
             volumes.append((f"sample {i}", image.numpy()))
+            entry: dict[str, Any] = {"file": files[-1].name, "index": i, "seed": int(batch[j]["seed"])}
+            if conditions is not None:
+                entry.update(condition=conditions.describe_row(condition[j].cpu()),  # as the model was given it
+                             network_calls_per_step=pipeline.network_calls_per_step(condition[j : j + 1]))
+                if control is not None:
+                    entry["measured"] = control(image.numpy(), spacing)
+            entries.append(entry)
         if bar is not None:
             bar.update(len(indices))
     if bar is not None:
         bar.close()
     seconds = time.time() - start
     sampling = pipeline.describe()
+    if conditions is not None:
+        sampling["network_calls_per_step"] = max(e["network_calls_per_step"] for e in entries)
+        sampling["conditions"] = conditions.names
     sample_grid(volumes, run_dir / "samples.png", title=f"{num_samples} samples, {sampling['sampler']}, "
             f"{sampling['num_inference_steps']} steps, seed {seed}", vmin=0.0, vmax=1.0)
     facts = dict(record or {})
@@ -144,13 +165,18 @@ def generate(
         "spacing_mm": list(map(float, spacing)), "orientation": str(orientation),
         "files": [f.name for f in files], "seconds_total": round(seconds, 2),
         "seconds_per_sample": round(seconds / max(num_samples, 1), 2), "device": str(device),
-        "torch": torch.__version__, "python": platform.python_version(), **facts,
+        "torch": torch.__version__, "python": platform.python_version(), **facts, "samples": entries,
     }
+    if control is not None and conditions is not None:
+        ranges = {sp["name"]: (sp["min"], sp["max"]) for sp in conditions.specs if "min" in sp}
+        manifest["control"] = control_summary(entries, ranges)
     atomic_write_json(manifest, run_dir / "manifest.json")
     write_provenance(run_dir, seed=seed)
     print(f"generated {num_samples} volume(s) in {seconds:.1f} s ({manifest['sampler']}, "
           f"{manifest['num_inference_steps']} steps): "
           f"{run_dir}\n  NIfTI: {', '.join(f.name for f in files)}\n  montage: {run_dir / 'samples.png'}\n"
           f"  manifest: {run_dir / 'manifest.json'}")
+    for name, summary in manifest.get("control", {}).items():
+        print(f"  control {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in summary.items()))
     return run_dir
 

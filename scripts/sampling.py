@@ -5,11 +5,23 @@ condition with classifier-free guidance, or a ControlNet) and turns starting noi
 through one slot, as in training: the ``condition`` tensor that MONAI's ``DiffusionInferer`` passes as
 cross-attention ``context`` (``mode="crossattn"``) or concatenates to the input channels (``mode="concat"``).
 Every random draw is per sample (:func:`sample_generators`), so a sample depends only on its ``(seed, index)``.
+
+Classifier-free guidance (Ho & Salimans 2022) with a **guidance scale per condition** composes the conditions by
+the chain rule, as InstructPix2Pix does for two (Brooks et al. 2023): with the conditions a sample gives, in
+declaration order ``c_1..c_m`` and scales ``w_1..w_m``, and ``P_k`` the first ``k`` of them (the rest null),
+
+    eps = eps(P_0) + sum_k w_k * (eps(P_k) - eps(P_{k-1}))      (:func:`guidance_coefficients`)
+
+since ``log p(x | c_1..c_m) = log p(x) + sum_k log p(c_k | x, c_1..c_{k-1})`` up to a constant, each term scaled
+by its own weight. All scales 1 is the plain conditional prediction ``eps(P_m)`` (one network call); all 0 the
+unconditional one ``eps(P_0)``; equal scales ``w`` standard guidance ``eps(P_0) + w (eps(P_m) - eps(P_0))`` (two
+calls); a condition given alone is standard guidance with its own scale. Prefixes whose coefficient is zero are not
+evaluated, the others run as one batch: the number of network calls per step is the number of non-zero coefficients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,12 +29,13 @@ from monai.inferers import Inferer, SimpleInferer
 from monai.networks.schedulers import DDPMScheduler, PNDMScheduler, RFlowScheduler
 from torch import nn
 
+from scripts.conditioning import Conditions
 from scripts.engines.base import amp_dtype_of, autocast_context
 from scripts.networks import AutoencoderDecoder
 
 __all__ = [
-    "LatentDiffusionPipeline", "decode_latents", "initial_noise", "reverse_process", "sample_generators",
-    "sample_latents",
+    "LatentDiffusionPipeline", "decode_latents", "first_given", "guidance_coefficients", "initial_noise",
+    "reverse_process", "sample_generators", "sample_latents",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -104,11 +117,34 @@ def decode_latents(
         return (inferer or SimpleInferer())(latents, decoder)
 
 
+def guidance_coefficients(present: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """The weights of the chain-rule guidance terms: ``(B, n + 1)``, column ``k`` the weight of the prediction
+    conditioned on the first ``k`` conditions a sample gives (the rest null).
+
+    Args:
+        present: which of the ``n`` conditions each sample gives, bool ``(B, n)``, in declaration order.
+        scales: the guidance scale of each condition, ``(n,)``.
+    """
+    coefficients = torch.zeros(present.shape[0], present.shape[1] + 1)
+    for b, row in enumerate(present.tolist()):
+        w = [float(scales[i]) for i, given in enumerate(row) if given]
+        weights = [1.0 - w[0], *(w[k - 1] - w[k] for k in range(1, len(w))), w[-1]] if w else [1.0]
+        coefficients[b, : len(weights)] = torch.tensor(weights)
+    return coefficients
+
+
+def first_given(conditions: Conditions, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Raw rows ``(B, width)`` keeping only the first ``k`` conditions each row gives (the prefix ``P_k``)."""
+    present = conditions.present(rows)
+    return conditions.with_null(rows, present & (present.cumsum(1) > k))
+
+
 class LatentDiffusionPipeline:
     """Noise -> latents -> images: the one sampling path of generation and of the training previews.
 
     Args:
-        network: the diffusion UNet (usually the EMA weights), latent space.
+        network: the diffusion UNet (usually the EMA weights), latent space; with ``conditions``, a
+            :class:`scripts.conditioning.ConditionedUNet` taking raw condition rows as ``context``.
         scheduler: the sampler (MONAI DDPM/DDIM/PNDM/RFlow scheduler).
         autoencoder: stage-1 autoencoder; its decoder maps ``latent / scale_factor`` to image space.
         scale_factor: the training scale factor.
@@ -116,8 +152,12 @@ class LatentDiffusionPipeline:
         decode_inferer: e.g. a ``SlidingWindowInferer`` over the latent for tiled decoding in bounded memory.
         mode: how a condition enters the UNet: ``"crossattn"`` (``context=``) or ``"concat"`` (extra input
             channels), as MONAI's ``DiffusionInferer``.
-        guidance_scale: classifier-free guidance weight ``w`` for conditioned sampling: the model output is
-            ``uncond + w * (cond - uncond)``; 1 (default) is plain conditional sampling, one network call a step.
+        guidance_scale: classifier-free guidance weight: one number, or with ``conditions`` a mapping
+            condition name -> weight (a name left out: 1). Without ``conditions`` the model output is
+            ``uncond + w * (cond - uncond)``; with them, the chain-rule composition of the module docstring. 1
+            (default) is plain conditional sampling, one network call a step; 0 unconditional.
+        conditions: the declared conditions (:class:`scripts.conditioning.Conditions`): the condition is a raw row
+            per sample, NaN where a condition is absent (its null), and guidance is per condition.
         controlnet: a MONAI ``ControlNet`` whose residuals are added to the UNet's (its control image is given
             per call).
         conditioning_scale: weight of the ControlNet residuals.
@@ -127,24 +167,64 @@ class LatentDiffusionPipeline:
 
     def __init__(self, network: nn.Module, scheduler: nn.Module, autoencoder: nn.Module, scale_factor: float,
                  num_inference_steps: int, decode_inferer: Inferer | None = None, mode: str = "crossattn",
-                 guidance_scale: float = 1.0, controlnet: nn.Module | None = None, conditioning_scale: float = 1.0,
-                 amp: bool = False, amp_dtype: str = "bfloat16") -> None:
+                 guidance_scale: float | Mapping[str, float] = 1.0, controlnet: nn.Module | None = None,
+                 conditioning_scale: float = 1.0, amp: bool = False, amp_dtype: str = "bfloat16",
+                 conditions: Conditions | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got '{mode}'.")
+        if conditions is not None and mode != "crossattn":
+            raise ValueError("declared conditions enter the UNet by cross-attention: drop mode or set it to crossattn.")
         self.network, self.scheduler, self.autoencoder = network, scheduler, autoencoder
         self.scale_factor = float(scale_factor)
         self.num_inference_steps = int(num_inference_steps)
         self.decode_inferer = decode_inferer
         self.mode = mode
-        self.guidance_scale = float(guidance_scale)
+        self.conditions = conditions
+        if isinstance(guidance_scale, Mapping):
+            names = conditions.names if conditions is not None else []
+            unknown = sorted(set(guidance_scale) - set(names))
+            if unknown:
+                raise ValueError(f"guidance_scale names {unknown}, which are not conditions of these weights "
+                                 f"({names}); give one number, or a mapping over {names}.")
+            self.guidance_scale: float | dict[str, float] = {n: float(guidance_scale.get(n, 1.0)) for n in names}
+        else:
+            self.guidance_scale = float(guidance_scale)
         self.controlnet = controlnet
         self.conditioning_scale = float(conditioning_scale)
         self.amp = bool(amp)
         self.amp_dtype = amp_dtype_of(amp_dtype)
 
-    def network_calls_per_step(self, conditioned: bool) -> int:
-        """UNet evaluations per sample and step: 2 with classifier-free guidance (batched together), else 1."""
-        return 2 if conditioned and self.guidance_scale != 1.0 else 1
+    def scales(self) -> list[float]:
+        """The guidance scale of each declared condition, in declaration order."""
+        names = self.conditions.names if self.conditions is not None else [""]
+        scale = self.guidance_scale
+        return [scale[n] for n in names] if isinstance(scale, dict) else [float(scale)] * len(names)
+
+    def guidance_terms(self, condition: torch.Tensor | None, unconditional: torch.Tensor | None = None
+                       ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """The contexts to evaluate and their weights ``(B, len(contexts))``: the model output is
+        ``sum_j weights[:, j] * output(context_j)``; contexts of all-zero weight are left out."""
+        if condition is None:
+            return [None], torch.ones(1, 1)
+        if self.conditions is not None:
+            coefficients = guidance_coefficients(self.conditions.present(condition), self.scales())
+            contexts = [first_given(self.conditions, condition, k) for k in range(coefficients.shape[1])]
+        else:
+            w = self.scales()[0]
+            if w == 1.0:
+                return [condition], torch.ones(condition.shape[0], 1)
+            if unconditional is None:
+                raise ValueError(f"guidance_scale {w} needs the unconditional (null) condition; "
+                                 "pass unconditional=..., or set guidance_scale to 1.")
+            null = unconditional.to(condition.device, condition.dtype).expand_as(condition)
+            contexts, coefficients = [null, condition], torch.tensor([[1.0 - w, w]]).expand(condition.shape[0], 2)
+        used = [j for j in range(coefficients.shape[1]) if bool((coefficients[:, j] != 0).any())]
+        return [contexts[j] for j in used], coefficients[:, used]
+
+    def network_calls_per_step(self, condition: torch.Tensor | None = None,
+                               unconditional: torch.Tensor | None = None) -> int:
+        """UNet evaluations per sample and step (batched together): one per guidance term of non-zero weight."""
+        return len(self.guidance_terms(condition, unconditional)[0])
 
     def _output(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None,
                 control: torch.Tensor | None) -> torch.Tensor:
@@ -165,20 +245,20 @@ class LatentDiffusionPipeline:
 
     def denoiser(self, condition: torch.Tensor | None = None, unconditional: torch.Tensor | None = None,
                  control: torch.Tensor | None = None) -> Denoiser:
-        """``(x, t) -> model output`` for a batch: conditioned on ``condition`` and, with guidance, pulled away from
-        ``unconditional`` (the null condition, broadcast to the batch)."""
-        if self.network_calls_per_step(condition is not None) == 1:
-            return lambda x, t: self._output(x, t, condition, control)
-        if unconditional is None:
-            raise ValueError(f"guidance_scale {self.guidance_scale} needs the unconditional (null) condition; "
-                             "pass unconditional=..., or set guidance_scale to 1.")
-        null = unconditional.to(condition.device, condition.dtype).expand_as(condition)
-        both = torch.cat([null, condition])
-        both_control = None if control is None else torch.cat([control, control])
+        """``(x, t) -> model output`` for a batch: conditioned on ``condition`` and, with guidance, composed from
+        the guidance terms (:meth:`guidance_terms`; ``unconditional``: the null condition, broadcast to the batch,
+        when no ``conditions`` are declared), all evaluated in one batch."""
+        contexts, weights = self.guidance_terms(condition, unconditional)
+        if len(contexts) == 1 and bool((weights == 1).all()):
+            return lambda x, t: self._output(x, t, contexts[0], control)
+        m = len(contexts)
+        stacked = torch.cat(contexts)
+        stacked_control = None if control is None else torch.cat([control] * m)
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out_null, out_cond = self._output(torch.cat([x, x]), torch.cat([t, t]), both, both_control).chunk(2)
-            return out_null + self.guidance_scale * (out_cond - out_null)
+            outputs = self._output(torch.cat([x] * m), torch.cat([t] * m), stacked, stacked_control).chunk(m)
+            w = weights.to(x.device, torch.float32)  # combined in float32: under bf16 autocast the terms cancel
+            return sum(w[:, j].view(-1, *[1] * (x.ndim - 1)) * out.float() for j, out in enumerate(outputs))
 
         return guided
 
@@ -203,11 +283,13 @@ class LatentDiffusionPipeline:
             images = self.decode(latents)
         return images.float()
 
-    def describe(self, conditioned: bool = False) -> dict[str, Any]:
-        """The sampling settings for a manifest."""
+    def describe(self, condition: torch.Tensor | None = None) -> dict[str, Any]:
+        """The sampling settings for a manifest (``network_calls_per_step`` of ``condition``'s batch)."""
         return {"sampler": type(self.scheduler).__name__,
                 "prediction_type": str(getattr(self.scheduler, "prediction_type", "")),
                 "num_inference_steps": self.num_inference_steps, "scale_factor": self.scale_factor,
                 "condition_mode": self.mode, "guidance_scale": self.guidance_scale,
-                "network_calls_per_step": self.network_calls_per_step(conditioned),
+                "guidance": "chain-rule composition, one scale per condition" if self.conditions is not None
+                else "uncond + w * (cond - uncond)",
+                "network_calls_per_step": self.network_calls_per_step(condition),
                 "controlnet": self.controlnet is not None, "amp": self.amp}

@@ -24,6 +24,7 @@ MULTI_AE, MULTI_DIFF = "configs/multi_gpu_train_autoencoder.json", "configs/mult
 TRAIN_CN, INFER_CN = "configs/train_controlnet.json", "configs/inference_controlnet.json"
 TRAIN_CONCAT, INFER_CONCAT = "configs/train_diffusion_label_concat.json", "configs/inference_label_concat.json"
 INFER_LAYOUT = "configs/inference_layout.json"
+TRAIN_COND, GENERATE_COND = "configs/train_diffusion_conditional.json", "configs/inference_conditional.json"
 
 #: the workflow configs, each merged after common.json (the overlays come after them)
 WORKFLOW_CONFIGS = [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE]
@@ -58,6 +59,8 @@ ALL_WORKFLOWS = {
     "synthesis": ([COMMON, GENERATE, INFER_CN], "infer", "generate"),
     "synthesis_concat": ([COMMON, GENERATE, INFER_CN, INFER_CONCAT], "infer", "generate"),
     "layout": ([COMMON, GENERATE, INFER_CN, INFER_LAYOUT], "infer", "generate"),
+    "conditional_stage2": ([COMMON, TRAIN_DIFF, TRAIN_COND], "train", "stage2"),
+    "conditional_generation": ([COMMON, GENERATE, GENERATE_COND], "infer", "generate"),
 }
 #: label-map workflows read the vocabulary and the UNet they build on from the records of earlier trainings
 LABEL_RECORDS = {TRAIN_CN, INFER_CN}
@@ -152,6 +155,11 @@ def test_every_workflow_passes_check_properties(name, data, tmp_path, request):
         ov["dataset_dir"] = ov["demo_data_dir"]
     if kind == "generate":
         ov["scale_factor"] = 1.0  # no stage-2 checkpoint to read it from
+    if GENERATE_COND in files:  # the conditions come from the training record
+        record = tmp_path / "model_record.json"
+        record.write_text(json.dumps({"conditions": [{"name": "lesion_count", "kind": "continuous", "drop_prob": 0.1,
+                                                      "mean": 1.0, "std": 1.0, "min": 0.0, "max": 3.0}]}))
+        ov["training_record_path"] = str(record)
     # bundle_root in tmp_path: resolving the trainer writes a run folder, never into the checkout
     wf = ConfigWorkflow(config_file=files, meta_file="configs/metadata.json", logging_file=False,
                         workflow_type=workflow_type, bundle_root=str(tmp_path), **ov)
@@ -264,7 +272,8 @@ def test_launcher_keys_are_read_by_the_launcher():
 
 
 @pytest.mark.parametrize("config_file", [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE, VQVAE, BRATS, MULTI_AE,
-                                         MULTI_DIFF, TRAIN_CN, INFER_CN, TRAIN_CONCAT, INFER_CONCAT, INFER_LAYOUT])
+                                         MULTI_DIFF, TRAIN_COND, GENERATE_COND, TRAIN_CN, INFER_CN, TRAIN_CONCAT,
+                                         INFER_CONCAT, INFER_LAYOUT])
 def test_every_id_a_config_defines_is_read_by_a_workflow_using_it(config_file):
     """Each top-level id a config file defines (not a nested '#' edit of an overlay) is referenced by another id in
     some workflow that merges the file, or is an entry point, a MONAI property of that workflow's type, a key main.py

@@ -105,6 +105,8 @@ def evaluated(tmp_path_factory):
     for i in range(3):
         save_nifti(torch.rand(1, 32, 32, 32, generator=g), centered_affine([32] * 3, [3.0] * 3),
                    generated / f"sample_{i:04d}.nii.gz")
+    control = {"lesion_count": {"n": 3, "mae": 1.0, "mae_percent_of_range": 25.0, "exact_match": 0.33}}
+    (generated / "manifest.json").write_text(json.dumps({"control": control}))  # as a conditional generation's
     metadata = tmp / "metadata.json"
     shutil.copy(ROOT / "configs" / "metadata.json", metadata)
     ov = overrides_for(tmp, generate=True, generated_dir=str(generated), write_eval_metrics=True,
@@ -128,6 +130,9 @@ def test_evaluation_writes_metrics_and_report_with_figures(evaluated):
     for figure in ("samples.png", "histograms.png", "nearest.png", "known_truth.png"):
         assert f"({figure})" in report and (folder / figure).stat().st_size > 1000
     assert "FID (random features)" in report and "not comparable with published FIDs" in report
+    assert metrics["control"]["lesion_count"]["exact_match"] == 0.33
+    assert "## Control check (conditional generation)" in report
+    assert "| lesion_count | 3 | 1.000 | 25.0 | 0.33 |" in report
     meta = json.loads((tmp / "metadata.json").read_text())
     fid = rows["generated"]["FID (random features)"]
     assert meta["eval_metrics"]["FID (random features)"] == pytest.approx(fid, rel=1e-4)

@@ -58,7 +58,7 @@ def test_classifier_free_guidance_is_uncond_plus_scale_times_difference():
     plain_null = pipeline(net).denoiser(null.expand_as(condition))(x, t)
     torch.testing.assert_close(guided, plain_null + 3.0 * (plain_cond - plain_null))
     assert net.calls[0]["x"][0] == 4, "the conditioned and null branches run as one batch"
-    assert pipeline(net, guidance_scale=3.0).network_calls_per_step(conditioned=True) == 2
+    assert pipeline(net, guidance_scale=3.0).network_calls_per_step(condition, null) == 2
     with pytest.raises(ValueError, match="needs the unconditional"):
         pipeline(net, guidance_scale=3.0).denoiser(condition)
 

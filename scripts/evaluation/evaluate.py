@@ -226,6 +226,10 @@ def run_evaluation(
     training = real if same_split else load_real(training_items, transform) if training_items else None
     result = evaluate_sets(generated, real, features, ms_ssim, training, spacing, real_items, blur_sigma, knn,
                            max_pairs, seed)
+    manifest = files[0].parent / "manifest.json"
+    control = json.loads(manifest.read_text()).get("control") if manifest.is_file() else None
+    if control:  # a conditional generation: its control check (requested vs measured, scripts.evaluation.control)
+        result["control"] = control
     result["generated_files"] = [str(f) for f in files]
     result["real_files"] = [str(i.get("image")) for i in real_items]
     result["seconds"] = round(time.time() - start, 1)

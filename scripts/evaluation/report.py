@@ -133,6 +133,19 @@ def write_report(folder: Path, result: Mapping[str, Any], generated: Sequence[to
             lines.append(f"| {q} | {v['generated']:.2f} | {v['real (floor)']:.2f} | {v['generated mean']:.2f} | "
                          f"{v['real recorded mean']:.2f} |")
         lines += ["", "![known truth](known_truth.png)", ""]
+    control = result.get("control")
+    if control:
+        lines += ["## Control check (conditional generation)", "",
+                  ("Each generated volume was asked for the values in its manifest entry; the generation's control "
+                  "check measured them on the volume (`scripts/evaluation/control.py`). MAE is in the condition's "
+                  "units and as a percentage of its training range; exact-match is the fraction of integer requests "
+                  "(counts) met exactly."), "",
+                  "| condition | n | MAE | MAE (% of range) | exact-match |", "|---|---|---|---|---|"]
+        for name, c in control.items():
+            percent = f"{c['mae_percent_of_range']:.1f}" if "mae_percent_of_range" in c else ""
+            exact = f"{c['exact_match']:.2f}" if "exact_match" in c else ""
+            lines.append(f"| {name} | {c['n']} | {c['mae']:.3f} | {percent} | {exact} |")
+        lines.append("")
     for i, run in enumerate(runs):
         curves = read_run_curves(run)
         plot_curves(curves, folder / f"loss_curves_{i}.png", title=Path(run).name)
