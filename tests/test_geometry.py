@@ -89,18 +89,18 @@ def test_reconstruction_keeps_world_coordinates_of_landmarks(tmp_path):
 def test_generated_volumes_carry_the_recorded_spacing_and_orientation(tmp_path):
     """``generate`` writes the training record's spacing and orientation (anisotropic, LPS), centred at world
     (0, 0, 0): a generated volume has no patient position."""
+    from monai.networks.schedulers import DDIMScheduler
+
     from scripts.generation import generate
+    from scripts.sampling import LatentDiffusionPipeline
 
-    class Pipeline:  # a stand-in that decodes every latent to a ramp image of 2x its size
-        network = autoencoder = torch.nn.Identity()
-        scheduler, num_inference_steps = object(), 1
+    class Pipeline(LatentDiffusionPipeline):  # the real pipeline, decoding every latent to a ramp of 2x its size
+        def __init__(self):
+            super().__init__(torch.nn.Identity(), DDIMScheduler(num_train_timesteps=10), torch.nn.Identity(), 1.0, 1)
 
-        def __call__(self, noise, generators, progress=False):
+        def __call__(self, noise, generators, condition=None, unconditional=None, control=None, progress=False):
             size = [2 * s for s in noise.shape[2:]]
             return torch.linspace(0, 1, int(np.prod(size))).reshape(1, 1, *size).repeat(noise.shape[0], 1, 1, 1, 1)
-
-        def describe(self):
-            return {"sampler": "stand-in", "num_inference_steps": 1}
 
     run = generate(Pipeline(), [4, 4, 5, 6], str(tmp_path), spacing=[1.5, 2.0, 4.0], orientation="LPS",
                    num_samples=1, progress=False)
