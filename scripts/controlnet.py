@@ -341,16 +341,15 @@ def check_controlnet_record(record: Mapping[str, Any], diffusion_path: str, cont
         FileNotFoundError: no record beside the ControlNet weights.
         ValueError: the diffusion weights are not those the ControlNet was trained on, naming both files.
     """
-    from pathlib import Path
-
-    from scripts.storage import file_sha256
+    from scripts.storage import sha256_mismatch
 
     recorded_vocabulary(record, controlnet_path)
     expected = record.get("diffusion_sha256")
-    if expected and Path(diffusion_path).is_file() and file_sha256(diffusion_path) != expected:
+    actual = sha256_mismatch(diffusion_path, expected)
+    if actual:
         raise ValueError(f"the ControlNet {controlnet_path} was trained on diffusion weights "
                          f"{record.get('diffusion_path')} (sha256 {expected}), not on {diffusion_path} "
-                         f"(sha256 {file_sha256(diffusion_path)}): pass "
+                         f"(sha256 {actual}): pass "
                          "--load_diffusion_path of those weights (and --use_ema to match).")
     return True
 

@@ -13,9 +13,9 @@ from monai.data import MetaTensor
 
 from scripts.evaluation.control import ControlCheck, control_summary
 from scripts.nifti import centered_affine, save_nifti
-from scripts.provenance import write_provenance
+from scripts.provenance import hashed_facts, write_provenance
 from scripts.sampling import LatentDiffusionPipeline, initial_noise, sample_generators
-from scripts.storage import atomic_write_json, file_sha256, new_run_dir
+from scripts.storage import atomic_write_json, new_run_dir
 from scripts.visualize import sample_grid
 
 __all__ = ["draw_samples", "generate", "sample_items", "sample_like"]
@@ -154,10 +154,7 @@ def generate(
         sampling["conditions"] = conditions.names
     sample_grid(volumes, run_dir / "samples.png", title=f"{num_samples} samples, {sampling['sampler']}, "
             f"{sampling['num_inference_steps']} steps, seed {seed}", vmin=0.0, vmax=1.0)
-    facts = dict(record or {})
-    for key, value in list(facts.items()):
-        if key.endswith("_path") and value and Path(str(value)).is_file():
-            facts[key.replace("_path", "_sha256")] = file_sha256(value)
+    facts = hashed_facts(record)
     manifest = {
         **sampling, "seed": int(seed) if len(seeds) == 1 else seeds,
         "num_samples": int(num_samples), "batch_size": int(batch_size),

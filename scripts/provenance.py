@@ -18,7 +18,7 @@ from typing import Any
 
 from scripts.storage import atomic_write_json, file_sha256
 
-__all__ = ["PACKAGES", "merged_config", "package_versions", "write_provenance"]
+__all__ = ["PACKAGES", "hashed_facts", "merged_config", "package_versions", "write_provenance"]
 
 #: the packages whose versions a run records
 PACKAGES = ("torch", "monai", "pytorch-ignite", "nibabel", "numpy", "fire")
@@ -46,6 +46,16 @@ def merged_config() -> dict[str, Any] | None:
     if resolver is None or "" not in resolver.items:
         return None
     return resolver.items[""].get_config()
+
+
+def hashed_facts(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A manifest's extra facts: ``record`` with, for each key ending in ``_path`` that names a file, the file's
+    sha256 under the same key ending in ``_sha256``."""
+    facts = dict(record or {})
+    for key, value in list(facts.items()):
+        if key.endswith("_path") and value and Path(str(value)).is_file():
+            facts[key.replace("_path", "_sha256")] = file_sha256(value)
+    return facts
 
 
 def write_provenance(run_dir: str | Path, inputs: Mapping[str, str | None] | None = None,

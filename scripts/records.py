@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from scripts.autoencoders import latent_spatial_shape
-from scripts.storage import file_sha256, load_checkpoint
+from scripts.storage import file_sha256, load_checkpoint, sha256_mismatch
 
 __all__ = [
     "RECORD_FILENAME",
@@ -156,15 +156,17 @@ def check_weights_against_record(record: TrainingRecord, autoencoder_path: str, 
         ValueError: one line naming the file, both hashes and what to do.
     """
     expected = record.get("autoencoder_sha256")
-    if expected and Path(autoencoder_path).is_file() and file_sha256(autoencoder_path) != expected:
+    actual = sha256_mismatch(autoencoder_path, expected)
+    if actual:
         raise ValueError(f"the autoencoder {autoencoder_path} is not the one the diffusion model was trained on "
-                         f"(sha256 {file_sha256(autoencoder_path)}, the training record {record.path} has "
+                         f"(sha256 {actual}, the training record {record.path} has "
                          f"{expected}): pass --load_autoencoder_path of that run's autoencoder, or retrain stage 2 "
                          "on this one.")
     expected = (record.get("weights_sha256") or {}).get(Path(diffusion_path).name)
-    if expected and Path(diffusion_path).is_file() and file_sha256(diffusion_path) != expected:
+    actual = sha256_mismatch(diffusion_path, expected)
+    if actual:
         raise ValueError(f"the diffusion weights {diffusion_path} are not those the training record {record.path} "
-                         f"was written with (sha256 {file_sha256(diffusion_path)}, recorded {expected}): put the "
+                         f"was written with (sha256 {actual}, recorded {expected}): put the "
                          "model_record.json of the run that wrote these weights beside them, or pass "
                          "--training_record_path.")
     return True

@@ -226,8 +226,10 @@ class LatentDiffusionPipeline:
         """UNet evaluations per sample and step (batched together): one per guidance term of non-zero weight."""
         return len(self.guidance_terms(condition, unconditional)[0])
 
-    def _output(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None,
-                control: torch.Tensor | None) -> torch.Tensor:
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None,
+                     control: torch.Tensor | None) -> torch.Tensor:
+        """One network output for a batch: the UNet (with the ControlNet's residuals for ``control``), the
+        ``condition`` as cross-attention context or concatenated channels; no guidance."""
         kwargs: dict[str, Any] = {}
         if condition is not None and self.mode == "concat":
             x_in = torch.cat([x, condition.to(x.dtype)], dim=1)
@@ -250,13 +252,13 @@ class LatentDiffusionPipeline:
         when no ``conditions`` are declared), all evaluated in one batch."""
         contexts, weights = self.guidance_terms(condition, unconditional)
         if len(contexts) == 1 and bool((weights == 1).all()):
-            return lambda x, t: self._output(x, t, contexts[0], control)
+            return lambda x, t: self.model_output(x, t, contexts[0], control)
         m = len(contexts)
         stacked = torch.cat(contexts)
         stacked_control = None if control is None else torch.cat([control] * m)
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            outputs = self._output(torch.cat([x] * m), torch.cat([t] * m), stacked, stacked_control).chunk(m)
+            outputs = self.model_output(torch.cat([x] * m), torch.cat([t] * m), stacked, stacked_control).chunk(m)
             w = weights.to(x.device, torch.float32)  # combined in float32: under bf16 autocast the terms cancel
             return sum(w[:, j].view(-1, *[1] * (x.ndim - 1)) * out.float() for j, out in enumerate(outputs))
 

@@ -25,6 +25,7 @@ __all__ = [
     "load_checkpoint",
     "new_run_dir",
     "remove_stale_temporaries",
+    "sha256_mismatch",
     "unique_path",
 ]
 
@@ -136,6 +137,15 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
                 digest.update(chunk)
         _SHA256_CACHE[key] = digest.hexdigest()
     return _SHA256_CACHE[key][:length]
+
+
+def sha256_mismatch(path: str | os.PathLike, expected: str | None) -> str | None:
+    """The file's sha256 when it exists and differs from ``expected``; ``None`` when it matches, when nothing is
+    expected, or when the file is missing (the loader reports that)."""
+    if not expected or not Path(path).is_file():
+        return None
+    actual = file_sha256(path)
+    return actual if actual != expected else None
 
 
 def unique_path(path: str | os.PathLike) -> Path:

@@ -15,9 +15,9 @@ import torch
 
 from scripts.controlnet import control_check, control_image, label_vocabulary, latent_control, null_control
 from scripts.nifti import save_nifti
-from scripts.provenance import write_provenance
+from scripts.provenance import hashed_facts, write_provenance
 from scripts.sampling import LatentDiffusionPipeline, initial_noise, reverse_process, sample_generators
-from scripts.storage import atomic_write_json, file_sha256, new_run_dir
+from scripts.storage import atomic_write_json, new_run_dir
 
 __all__ = ["box_check", "controlled_denoiser", "label_items", "load_label_map", "synthesize", "synthesize_layouts",
            "synthesize_one", "to_input_grid"]
@@ -93,8 +93,8 @@ def controlled_denoiser(pipeline: LatentDiffusionPipeline, control: torch.Tensor
 
     def output(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if pipeline.controlnet is not None:
-            return pipeline._output(x, t, None, c)
-        return pipeline._output(x, t, latent_control(c, x.shape[2:]), None)
+            return pipeline.model_output(x, t, None, c)
+        return pipeline.model_output(x, t, latent_control(c, x.shape[2:]), None)
 
     if guidance_scale == 1.0:
         return lambda x, t: output(x, t, control)
@@ -251,10 +251,7 @@ def synthesize(
         if dice:
             summary[name] = {"mean_dice": round(float(np.mean(dice)), 4),
                              "mean_abs_volume_error": round(float(np.mean(err)), 4)}
-    facts = dict(record or {})
-    for key, value in list(facts.items()):
-        if key.endswith("_path") and value and Path(str(value)).is_file():
-            facts[key.replace("_path", "_sha256")] = file_sha256(value)
+    facts = hashed_facts(record)
     manifest = {
         **pipeline.describe(), "network_calls_per_step": 1 if float(control_guidance_scale) == 1.0 else 2,
         "control_guidance_scale": float(control_guidance_scale), "conditioning_scale": pipeline.conditioning_scale,
