@@ -20,6 +20,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from scripts.diffusion import LatentDiffusionPrepareBatch
+from scripts.randomness import SAMPLE_INDEX
 
 __all__ = [
     "check_controlnet_record", "CheckLabelsd", "class_probabilities", "ClassWeightedMSE", "control_check",
@@ -174,11 +175,12 @@ class ControlNetPrepareBatch(LatentDiffusionPrepareBatch):
     def __init__(self, noise_scheduler: nn.Module, scale_factor: float, label_classes: Mapping[Any, str],
                  label_key: str = "label", label_drop_prob: float | Mapping[str, float] = 0.0,
                  control_drop_prob: float = 0.1, as_condition: bool = False, latents: Callable | None = None,
-                 condition_name: str | Sequence[str] | None = None) -> None:
+                 condition_name: str | Sequence[str] | None = None, sample_seed: int | None = None) -> None:
         if as_condition and condition_name:
             raise ValueError(f"the label map takes the condition slot in concat mode; condition_name "
                              f"{condition_name!r} cannot share it (set condition_name to null, or use the ControlNet).")
-        super().__init__(noise_scheduler, scale_factor, latents=latents, condition_name=condition_name)
+        super().__init__(noise_scheduler, scale_factor, latents=latents, condition_name=condition_name,
+                         sample_seed=sample_seed)
         self.as_condition = bool(as_condition)
         self.classes = label_vocabulary(label_classes)
         self.label_key = label_key
@@ -186,30 +188,20 @@ class ControlNetPrepareBatch(LatentDiffusionPrepareBatch):
         self.control_drop = float(class_probabilities(control_drop_prob, {1: "all"}, "control_drop_prob")[0])
         self.last_control: torch.Tensor | None = None  # the latest batch's control image (for ClassWeightedMSE)
 
-    def _uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.rand(shape, generator=self._generator) if self._generator is not None else torch.rand(shape)
-
-    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False,
-                 generator: torch.Generator | None = None, **kwargs: Any
-                 ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
-        inputs, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, generator, **kwargs)
+    def extra_inputs(self, batchdata: dict, latents: torch.Tensor, infer_kwargs: dict,
+                     non_blocking: bool = False) -> None:
         if self.label_key not in batchdata:
             raise KeyError(f"the ControlNet batch has no '{self.label_key}' (label map); give every datalist item "
                            f"a '{self.label_key}' file or fix label_key.")
-        label = torch.as_tensor(batchdata[self.label_key]).to(device=inputs.device, non_blocking=non_blocking)
-        self._generator = generator
-        try:
-            n = label.shape[0]
-            keep = (self._uniform((n, len(self.classes))) >= self.label_drop).float()
-            keep = keep * (self._uniform((n, 1)) >= self.control_drop).float()
-        finally:
-            self._generator = None
+        label = torch.as_tensor(batchdata[self.label_key]).to(device=latents.device, non_blocking=non_blocking)
+        n = label.shape[0]
+        keep = (self._rand((n, len(self.classes))) >= self.label_drop).float()
+        keep = keep * (self._rand((n, 1)) >= self.control_drop).float()
         self.last_control = control_image(label, list(self.classes), keep)
         if self.as_condition:
-            infer_kwargs.update(condition=latent_control(self.last_control, inputs.shape[2:]), mode="concat")
+            infer_kwargs.update(condition=latent_control(self.last_control, latents.shape[2:]), mode="concat")
         else:
             infer_kwargs["control"] = self.last_control
-        return inputs, target, args, infer_kwargs
 
 
 class ControlNetTrainingInferer(Inferer):
@@ -300,11 +292,11 @@ def controlnet_dataset(posteriors: Sequence[Mapping], items: Sequence[Mapping], 
     from monai.data import CacheDataset
 
     data = []
-    for item, p in zip(items, posteriors, strict=True):
+    for index, (item, p) in enumerate(zip(items, posteriors, strict=True)):
         if not item.get(label_key):
             raise KeyError(f"datalist item {item.get('image', item)} has no '{label_key}'; ControlNet training needs a "
                            "label map for every training and validation item.")
-        data.append({label_key: item[label_key], "z_mu": p["z_mu"], "z_sigma": p["z_sigma"]})
+        data.append({label_key: item[label_key], "z_mu": p["z_mu"], "z_sigma": p["z_sigma"], SAMPLE_INDEX: index})
     return CacheDataset(data=data, transform=label_transform, cache_rate=cache_rate, num_workers=num_workers,
                         progress=False)
 

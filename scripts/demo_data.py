@@ -432,10 +432,12 @@ def _draw_bias_field(rng: np.random.Generator, grid: _Grid, image: np.ndarray,
     return image * (1.0 + np.float32(bias_amp / max(field_max, 1e-6)) * field), bias_amp
 
 
-def _draw_rician_noise(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, float]:
+def _draw_rician_noise(rng: np.random.Generator, image: np.ndarray, apply: bool = True) -> tuple[np.ndarray, float]:
     """Rician noise of a drawn sigma: the magnitude of the image plus complex Gaussian noise; returns the noisy
-    float32 image and the sigma."""
+    float32 image (the image itself unless ``apply``) and the sigma."""
     noise_sigma = float(rng.uniform(0.01, 0.03))
+    if not apply:
+        return image.astype(np.float32), noise_sigma
     n1 = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(noise_sigma)
     n2 = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(noise_sigma)
     return np.sqrt((image + n1) ** 2 + n2**2).astype(np.float32), noise_sigma
@@ -469,7 +471,8 @@ def _subject_params(grid: _Grid, head: _Head, head_mask: np.ndarray, label: np.n
     return _to_builtin(params)
 
 
-def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0) -> tuple[np.ndarray, np.ndarray, dict]:
+def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0,
+                 noise: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """Generate one random head phantom.
 
     Args:
@@ -477,6 +480,8 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
         size: number of voxels along each axis (the volume is ``size**3``).
         spacing: isotropic voxel size in mm. Anatomical sizes scale with the field of view
             ``size * spacing`` relative to 192 mm (64 x 3 mm), but never drop below about a voxel.
+        noise: add the Rician noise; ``False`` returns the noise-free image of the same subject (same label and
+            params, ``noise_sigma`` included): what a perfect denoising reconstruction would aim at.
 
     Returns:
         ``(image, label, params)``: ``image`` float32 ``(size, size, size)`` in (x, y, z) = RAS order,
@@ -504,7 +509,7 @@ def make_subject(rng: np.random.Generator, size: int = 64, spacing: float = 3.0)
     image = _paint_tissues(grid, tissue, head, d_brain, d_wm, d_fissure, vent.d_vent, lesions)
     image, bias_amp = _draw_bias_field(rng, grid, _gaussian_blur(image, 0.5), head_mask)
     intensity_scale = float(image.max())
-    image, noise_sigma = _draw_rician_noise(rng, image / np.float32(intensity_scale))
+    image, noise_sigma = _draw_rician_noise(rng, image / np.float32(intensity_scale), apply=noise)
     params = _subject_params(grid, head, head_mask, label, lesions, tissue, intensity_scale, bias_amp, noise_sigma)
     return image, label, params
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from scripts.autoencoders import adapt
 from scripts.distributed import is_main_rank, unwrap
+from scripts.randomness import SAMPLE_INDEX
 from scripts.storage import atomic_save, file_sha256, load_checkpoint
 
 __all__ = [
@@ -231,7 +232,8 @@ def stage2_dataset(latent_cache: bool, posteriors: Sequence[Mapping], items: Seq
                    split: str = "training", image_key: str = "image"):
     """Stage-2 data: the cached posteriors (default), or the images themselves, encoded on the fly
     by :class:`PrepareLatents`. Either way each item keeps its datalist fields (every field all items carry, e.g.
-    covariates), which the objective's ``condition_name`` reads.
+    covariates), which the objective's ``condition_name`` reads, and its position in ``items`` as ``sample_index``,
+    which keys its random draws (:func:`scripts.randomness.keyed_generators`).
 
     Args:
         latent_cache: use the cached posteriors ``{"z_mu", "z_sigma"}`` (latent space, all held in memory: they
@@ -253,9 +255,10 @@ def stage2_dataset(latent_cache: bool, posteriors: Sequence[Mapping], items: Seq
         fields = shared_fields(items, image_key)
         print_main(f"[latents] stage-2 {split} data: {len(posteriors)} cached latents"
                    + (f", with datalist fields {fields}" if fields else ""))
-        return Dataset(data=[{**{k: item[k] for k in fields}, "z_mu": p["z_mu"], "z_sigma": p["z_sigma"]}
-                             for item, p in zip(items, posteriors, strict=True)])
+        return Dataset(data=[{**{k: item[k] for k in fields}, "z_mu": p["z_mu"], "z_sigma": p["z_sigma"],
+                              SAMPLE_INDEX: index}
+                             for index, (item, p) in enumerate(zip(items, posteriors, strict=True))])
     print_main(f"[latents] stage-2 {split} data: {len(items)} images encoded on the fly "
                f"(latent_cache false, cache_rate {cache_rate})")
-    return CacheDataset(data=list(items), transform=transform, cache_rate=cache_rate, num_workers=num_workers,
-                        progress=False)
+    return CacheDataset(data=[{**item, SAMPLE_INDEX: index} for index, item in enumerate(items)], transform=transform,
+                        cache_rate=cache_rate, num_workers=num_workers, progress=False)

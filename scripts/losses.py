@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 
 import torch
-from monai.losses import JukeboxLoss, PatchAdversarialLoss
+from monai.losses import JukeboxLoss, PatchAdversarialLoss, SSIMLoss
 from torch import nn
 
 __all__ = ["AutoencoderLoss", "LocalPerceptualLoss", "kl_divergence"]
@@ -107,6 +107,10 @@ class AutoencoderLoss(nn.Module):
         adversarial_weight: weight of the generator's least-squares adversarial term.
         perceptual_weight: weight of the perceptual term; needs ``perceptual_network``.
         spectral_weight: weight of the spectral (Jukebox, FFT magnitude) term; 0 switches it off.
+        ssim_weight: weight of the structural term ``1 - SSIM`` (MONAI ``SSIMLoss``, Gaussian window of
+            ``ssim_win_size``, images in [0, 1]); 0 switches it off. SSIM penalises the lost contrast and structure of
+            thin and small features (skull, lesions) that L1 averages away (Zhao et al. 2017).
+        ssim_win_size: its window side in voxels (the validation SSIM's, 7).
         perceptual_network: a module ``(recon, target) -> scalar``, e.g. :class:`LocalPerceptualLoss`.
         spatial_dims: spatial dimensions of the images (for the spectral loss).
         reconstruction: ``"l1"`` or ``"l2"``.
@@ -123,6 +127,8 @@ class AutoencoderLoss(nn.Module):
         spatial_dims: int = 3,
         reconstruction: str = "l1",
         quantization_weight: float = 1.0,
+        ssim_weight: float = 0.0,
+        ssim_win_size: int = 7,
     ) -> None:
         super().__init__()
         if perceptual_weight > 0 and perceptual_network is None:
@@ -139,6 +145,9 @@ class AutoencoderLoss(nn.Module):
         self.spectral_weight = spectral_weight
         self.perceptual = perceptual_network if perceptual_weight > 0 else None
         self.spectral = JukeboxLoss(spatial_dims=spatial_dims) if spectral_weight > 0 else None
+        self.ssim_weight = ssim_weight
+        self.ssim = (SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=ssim_win_size)
+                     if ssim_weight > 0 else None)
         self.reconstruction = nn.L1Loss() if reconstruction == "l1" else nn.MSELoss()
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
 
@@ -171,6 +180,8 @@ class AutoencoderLoss(nn.Module):
             terms["perceptual"] = self.perceptual_weight * self.perceptual(recon, target)
         if self.spectral is not None:
             terms["spectral"] = self.spectral_weight * self.spectral(recon, target)
+        if self.ssim is not None:
+            terms["ssim"] = self.ssim_weight * self.ssim(recon.float(), target.float())
         if fake_logits is not None:
             terms["adv_g"] = self.adversarial_weight * self.adversarial(
                 fake_logits, target_is_real=True, for_discriminator=False

@@ -14,7 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RandomStates", "random_transforms"]
+__all__ = ["RandomStates", "SAMPLE_INDEX", "keyed_generators", "random_transforms"]
+
+#: the batch key of each item's position in its data set, which keys that item's draws (:func:`keyed_generators`)
+SAMPLE_INDEX = "sample_index"
+
+
+def keyed_generators(seed: int, epoch: int, indices: Any) -> list[torch.Generator]:
+    """One CPU generator per batch item, seeded by ``(seed, epoch, the item's index in its data set)`` through
+    NumPy's ``SeedSequence`` (well-mixed, distinct keys give independent streams). What an item draws then depends
+    on neither its batch, nor its rank, nor the number of processes: a run gives the same result at any world size.
+    """
+    generators = []
+    for index in torch.as_tensor(indices).reshape(-1).tolist():
+        key = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, dtype=np.uint64)[0]
+        generators.append(torch.Generator().manual_seed(int(key)))
+    return generators
 
 
 def random_transforms(obj: Any, found: list | None = None, depth: int = 0) -> list:

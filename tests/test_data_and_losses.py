@@ -68,6 +68,24 @@ def test_perceptual_weight_without_network_is_refused(tmp_path):
         LocalPerceptualLoss(str(tmp_path / "none.pt"))
 
 
+def test_ssim_term_penalises_lost_structure_more_than_l1_does():
+    """The structural term is 0 on a perfect reconstruction, and weighs a blur (lost edges) far more, relative to a
+    uniform intensity shift of the same L1 error, than L1 does."""
+    from monai.transforms import GaussianSmooth
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 8, 8, 8).repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    blurred = GaussianSmooth(1.0)(x[0])[None]
+    shifted = x + (blurred - x).abs().mean()
+    loss = AutoencoderLoss(ssim_weight=1.0)
+    same = loss.generator_terms(x, x, {"kl": torch.zeros(())})
+    assert float(same["ssim"]) == pytest.approx(0.0, abs=1e-5)
+    blur, shift = (loss.generator_terms(r, x, {"kl": torch.zeros(())}) for r in (blurred, shifted))
+    assert float(blur["recon"]) == pytest.approx(float(shift["recon"]), rel=0.1)
+    assert float(blur["ssim"]) > 5 * float(shift["ssim"])
+    assert "ssim" not in AutoencoderLoss().generator_terms(x, x, {"kl": torch.zeros(())})
+
+
 def test_spectral_term_is_added_when_weighted():
     x = torch.rand(1, 1, 8, 8, 8)
     terms = AutoencoderLoss(spectral_weight=1.0).generator_terms(x, x, {"kl": torch.zeros(())})

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import socket
 
 import pytest
 import torch
 
 from scripts import distributed
-from tests.helpers import COMMON, TINY, config_network, overrides_for, run_bundle, torchrun
+from tests.helpers import COMMON, TINY, TINY_DIFFUSION, config_network, overrides_for, run_bundle, torchrun
 
 STAGE1 = [COMMON, "configs/train_autoencoder.json", "configs/multi_gpu_train_autoencoder.json"]
 PROBE = "$list(@train#handlers) + [monai.utils.instantiate('tests.rank_probe.SeenItems', 'default', folder='{folder}')]"
@@ -98,8 +100,44 @@ def test_overlay_without_torchrun_names_the_fix(monkeypatch):
         distributed.init_process_group()
 
 
+@contextlib.contextmanager
+def world_of_one(monkeypatch):
+    """A torchrun world of one process, in the forked test process (no torchrun start-up): the overlays' sampler and
+    process group at world size 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield
+    finally:
+        for key in env:
+            monkeypatch.delenv(key)
+
+
 #: largest difference allowed between the weights of equivalent runs (float32 sums in another order)
 EQUIVALENCE_TOLERANCE = 1e-5
+def assert_equivalent_runs(run, monkeypatch, initial, networks, step_key, epochs):
+    """``run(name, launcher=None, **overrides)`` as 1 process x batch 2, 1 process x batch 1 x 2 accumulated steps and
+    2 Gloo processes x batch 1: the same optimiser steps, and ``networks`` of each within
+    :data:`EQUIVALENCE_TOLERANCE` of the first run's, whose first network moved from ``initial`` by more than 1e-3."""
+    with world_of_one(monkeypatch):
+        one = run("one", train_batch_size=2)
+        accumulated = run("accumulated", train_batch_size=1, gradient_accumulation_steps=2)
+    two = run("two", launcher=torchrun(2), train_batch_size=1)
+    moved = max(float((one[networks[0]][k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-3, "the run must move the weights for the comparison to mean anything"
+    for other, name in ((two, "2 processes"), (accumulated, "accumulation")):
+        assert other["engine"]["epoch"] == epochs and other[step_key] == one[step_key]
+        worst = max(float((other[net][k] - one[net][k]).abs().max())
+                    for net in networks for k in one[net] if one[net][k].is_floating_point())
+        print(f"{networks[0]}, {name} vs 1 process: largest weight difference {worst:.3g} "
+              f"(weights moved up to {moved:.3g})")
+        assert worst <= EQUIVALENCE_TOLERANCE, f"{name}: {worst}"
+
+
 POSTERIOR_MEAN = "$list(@train#handlers) + [monai.utils.instantiate('tests.rank_probe.PosteriorMean', 'default')]"
 
 
@@ -109,8 +147,6 @@ def test_two_processes_and_accumulation_equal_one_process_at_the_same_global_bat
     crops), same learning rate (2 samples per step), the posterior mean decoded (no per-rank noise). Plain SGD, whose
     update is linear in the gradient: Adam divides by the gradient's size, so where a gradient is near zero it turns
     float rounding into a step of up to lr (measured with Adam: median difference 6e-7, largest 7e-4)."""
-    import socket
-
     def run(name, launcher=None, **extra):
         ov = overrides_for(tmp_path, ckpt_dir=str(tmp_path / name), output_dir=str(tmp_path / "outputs"), max_epochs=1,
                            val_interval=100, save_interval=1, adversarial_weight=0.01, adversarial_warmup_epochs=0,
@@ -120,24 +156,30 @@ def test_two_processes_and_accumulation_equal_one_process_at_the_same_global_bat
         run_bundle(STAGE1, ov, launcher=launcher, timeout=900)
         return torch.load(tmp_path / name / "checkpoint_autoencoder.pt", weights_only=True)
 
-    with socket.socket() as s:  # a world of one process, in the forked test process (no torchrun start-up)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port)}
-    for key, value in world_of_one.items():
-        monkeypatch.setenv(key, value)
-    one = run("one", train_batch_size=2)
-    accumulated = run("accumulated", train_batch_size=1, gradient_accumulation_steps=2)
-    for key in world_of_one:
-        monkeypatch.delenv(key)
-    two = run("two", launcher=torchrun(2), train_batch_size=1)
     initial = config_network("autoencoder_def", TINY, seed=0).state_dict()  # what seed 0 builds, as the runs did
-    moved = max(float((one["autoencoder"][k] - initial[k]).abs().max()) for k in initial)
-    assert moved > 1e-3, "the epoch must move the weights for the comparison to mean anything"
-    for other, name in ((two, "2 processes"), (accumulated, "accumulation")):
-        assert other["engine"]["epoch"] == 1 and other["g_step"] == one["g_step"]
-        worst = max(float((other[net][k] - one[net][k]).abs().max())
-                    for net in ("autoencoder", "discriminator") for k in one[net] if one[net][k].is_floating_point())
-        print(f"{name} vs 1 process: largest weight difference {worst:.3g} (weights moved up to {moved:.3g})")
-        assert worst <= EQUIVALENCE_TOLERANCE, f"{name}: {worst}"
+    assert_equivalent_runs(run, monkeypatch, initial, ("autoencoder", "discriminator"), "g_step", epochs=1)
+
+
+STAGE2 = [COMMON, "configs/train_diffusion.json", "configs/multi_gpu_train_diffusion.json"]
+
+
+def test_stage2_two_processes_and_accumulation_equal_one_process_at_the_same_global_batch(ddp_stage1, tmp_path,
+                                                                                          monkeypatch):
+    """Two stage-2 epochs on the fixture's autoencoder: 2 Gloo processes x batch 1, and 1 process x batch 1 x 2
+    accumulated steps, end with the weights (and EMA) of 1 process x batch 2. Each item's posterior sample, noise and
+    timestep are keyed by (sample_seed, epoch, its index), so they do not depend on which rank or step draws them;
+    the second epoch checks the epoch enters the key. Plain SGD, as in the stage-1 test; gradient clipping on (it
+    acts on the summed, all-reduced gradient)."""
+    stage1_tmp, _ = ddp_stage1
+
+    def run(name, launcher=None, **extra):
+        ov = overrides_for(stage1_tmp, stage2=True, ckpt_dir=str(tmp_path / name), output_dir=str(tmp_path / "outputs"),
+                           latent_cache_dir=str(tmp_path / "cache"), max_epochs=2, val_interval=100, save_interval=1,
+                           preview_num_samples=0, amp=False, base_learning_rate=0.05, lr_warmup_iterations=1,
+                           load_autoencoder_path=str(stage1_tmp / "models" / "model_autoencoder.pt"),
+                           **{"optimizer#_target_": "torch.optim.SGD", "optimizer#weight_decay": 0.0}, **extra)
+        run_bundle(STAGE2, ov, launcher=launcher, timeout=900)
+        return torch.load(tmp_path / name / "checkpoint_diffusion.pt", weights_only=True)
+
+    initial = config_network("network_def", {**TINY, **TINY_DIFFUSION}, seed=0).state_dict()
+    assert_equivalent_runs(run, monkeypatch, initial, ("diffusion", "ema"), "step", epochs=2)

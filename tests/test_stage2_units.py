@@ -75,6 +75,34 @@ def test_latent_draws_differ_each_iteration():
     assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
 
 
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(num_train_timesteps=1000), RFlowScheduler(1000)],
+                         ids=["ddpm", "rflow"])
+def test_keyed_draws_follow_the_item_not_its_batch(scheduler):
+    """With sample_seed, each item's posterior sample, noise and timestep depend only on (seed, epoch, its index):
+    the same in a batch of 3 as alone (what makes a run independent of the number of processes), new each epoch,
+    and a batch without sample_index is refused with the fix."""
+    from scripts.randomness import SAMPLE_INDEX
+
+    z_mu, z_sigma = torch.randn(3, 2, 4, 4, 4), torch.rand(3, 2, 4, 4, 4)
+    prepare = LatentDiffusionPrepareBatch(scheduler, 0.5, sample_seed=7)
+
+    def draws(rows):
+        latents, _, _, kwargs = prepare({"z_mu": z_mu[rows], "z_sigma": z_sigma[rows],
+                                         SAMPLE_INDEX: torch.tensor(rows)})
+        return latents, kwargs["noise"], kwargs["timesteps"]
+
+    together = draws([0, 1, 2])
+    torch.manual_seed(99)  # the global RNG plays no part
+    apart = [draws([i]) for i in (2, 0, 1)]
+    for k in range(3):
+        torch.testing.assert_close(torch.cat([apart[1][k], apart[2][k], apart[0][k]]), together[k], rtol=0, atol=0)
+    assert len(set(together[2].tolist())) > 1 and not torch.allclose(together[1][0], together[1][1])
+    prepare.set_epoch(1)
+    assert not torch.allclose(draws([0, 1, 2])[1], together[1])
+    with pytest.raises(KeyError, match="sample_index.*set the seed to null"):
+        prepare({"z_mu": z_mu, "z_sigma": z_sigma})
+
+
 def test_scale_factor_is_one_over_std_of_all_latents():
     items = [{"z_mu": torch.randn(2, 4, 4, 4) * 3.0, "z_sigma": torch.full((2, 4, 4, 4), 1e-4)} for _ in range(20)]
     assert estimate_scale_factor(items) == pytest.approx(1 / 3.0, rel=0.05)
