@@ -137,10 +137,9 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
 
         return self._draw(draw, like.shape[0])
 
-    def _rand(self, shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
-        """Uniform draws ``shape`` (first dimension: the batch items)."""
-        return self._draw(lambda rows, g: torch.rand((rows.stop - rows.start, *shape[1:]), generator=g),
-                          shape[0]).to(device)
+    def _rand(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform draws of ``shape`` on the CPU (first dimension: the batch items)."""
+        return self._draw(lambda rows, g: torch.rand((rows.stop - rows.start, *shape[1:]), generator=g), shape[0])
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
         return self._randn(images)

@@ -7,6 +7,7 @@ mechanics, and subclasses override only ``_iteration`` (as MONAI's own trainers 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -77,6 +78,15 @@ class AutocastInferer(Inferer):
         with autocast_context(inputs.device, self.amp, self.amp_dtype):
             outputs = self.inferer(inputs, network, *args, **kwargs)
         return _float32(outputs)
+
+    def with_overlap(self, overlap: float) -> AutocastInferer:
+        """The same inferer with its sliding windows at another ``overlap`` (e.g. fewer windows where speed matters
+        more than the last fraction of a dB: validation during training, the stage-2 latent encoding)."""
+        if not hasattr(self.inferer, "overlap"):
+            raise TypeError(f"with_overlap needs a sliding-window inferer, got {type(self.inferer).__name__}.")
+        other = copy.deepcopy(self)
+        other.inferer.overlap = overlap
+        return other
 
 
 def _float32(outputs: Any) -> Any:
