@@ -266,6 +266,10 @@ class LayoutTrainingInferer(ControlNetTrainingInferer):
 
     def __call__(self, inputs: torch.Tensor, network: LayoutAttention, noise: torch.Tensor, timesteps: torch.Tensor,
                  layout: Layout, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(network, LayoutAttention):
+            raise TypeError(f"layout training runs the LayoutAttention blocks inside the UNet's forward, so they "
+                            f"cannot be wrapped ({type(network).__name__}); train in one process (drop the multi-GPU "
+                            "overlay).")
         with network.attached(self.diffusion_model, layout):
             return self.inferer(inputs, self.diffusion_model, noise=noise, timesteps=timesteps, condition=condition,
                                 mode=self.mode)
