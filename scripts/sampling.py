@@ -34,8 +34,8 @@ from scripts.engines.base import amp_dtype_of, autocast_context
 from scripts.networks import AutoencoderDecoder
 
 __all__ = [
-    "LatentDiffusionPipeline", "decode_latents", "first_given", "guidance_coefficients", "initial_noise",
-    "reverse_process", "sample_generators", "sample_latents",
+    "LatentDiffusionPipeline", "classifier_free", "decode_latents", "first_given", "guidance_coefficients",
+    "initial_noise", "reverse_process", "sample_generators", "sample_latents",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,6 +45,25 @@ MODES = ("crossattn", "concat")
 def sample_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One random generator per sample index, so that sample ``i`` depends only on ``(seed, i)``."""
     return [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
+
+
+def classifier_free(output: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], condition: Any,
+                    unconditional: Any, guidance_scale: float) -> Denoiser:
+    """``(x, t) -> output(x, t, condition)``; with ``guidance_scale != 1``, classifier-free guidance
+    ``out(unconditional) + w * (out(condition) - out(unconditional))``, the two branches run as one batch (2 network
+    calls a step). ``condition`` and ``unconditional`` are tensors or tuples of tensors, batched along dimension 0."""
+    if guidance_scale == 1.0:
+        return lambda x, t: output(x, t, condition)
+    if isinstance(condition, tuple):
+        both = tuple(torch.cat([u, c]) for u, c in zip(unconditional, condition, strict=True))
+    else:
+        both = torch.cat([unconditional, condition])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out_null, out_condition = output(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return out_null + guidance_scale * (out_condition - out_null)
+
+    return guided
 
 
 def initial_noise(latent_shape: Sequence[int], indices: Sequence[int], seed: int,

@@ -16,11 +16,11 @@ import torch
 from scripts.controlnet import control_check, control_image, label_vocabulary, latent_control, null_control
 from scripts.nifti import save_nifti
 from scripts.provenance import hashed_facts, write_provenance
-from scripts.sampling import LatentDiffusionPipeline, initial_noise, reverse_process, sample_generators
+from scripts.sampling import LatentDiffusionPipeline, classifier_free, initial_noise, reverse_process, sample_generators
 from scripts.storage import atomic_write_json, new_run_dir
 
-__all__ = ["box_check", "controlled_denoiser", "label_items", "load_label_map", "synthesize", "synthesize_layouts",
-           "synthesize_one", "to_input_grid"]
+__all__ = ["box_check", "box_check_summary", "controlled_denoiser", "label_items", "load_label_map", "print_box_check",
+           "sample_one", "synthesize", "synthesize_layouts", "synthesize_one", "to_input_grid", "write_instances"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -96,15 +96,7 @@ def controlled_denoiser(pipeline: LatentDiffusionPipeline, control: torch.Tensor
             return pipeline.model_output(x, t, None, c)
         return pipeline.model_output(x, t, latent_control(c, x.shape[2:]), None)
 
-    if guidance_scale == 1.0:
-        return lambda x, t: output(x, t, control)
-    both = torch.cat([unconditional, control])
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_null, out_control = output(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return out_null + guidance_scale * (out_control - out_null)
-
-    return guided
+    return classifier_free(output, control, unconditional, guidance_scale)
 
 
 def to_input_grid(image: torch.Tensor, prepared: Any, raw: Any) -> tuple[torch.Tensor, bool]:
@@ -140,14 +132,22 @@ def synthesize_one(pipeline: LatentDiffusionPipeline, prepared: torch.Tensor, cl
         device: where to sample.
         progress: show the sampling bar.
     """
-    from scripts.engines.base import autocast_context
-
     label = torch.as_tensor(prepared)[None].to(device)
     control = control_image(label, list(classes))
     unconditional = null_control(control, list(classes), removed)
+    denoise = controlled_denoiser(pipeline, control, unconditional, float(control_guidance_scale))
+    return sample_one(pipeline, denoise, latent_shape, seed, index, device, progress)
+
+
+def sample_one(pipeline: LatentDiffusionPipeline, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               latent_shape: Sequence[int], seed: int = 0, index: int = 0, device: str | torch.device = "cpu",
+               progress: bool = False) -> torch.Tensor:
+    """Sample ``index`` of ``seed`` with the model output ``denoise(x, t)``: noise and stochastic steps keyed by
+    ``(seed, index)``, decoded; ``(C, *spatial)`` float32 on CPU, image space, on the training grid."""
+    from scripts.engines.base import autocast_context
+
     noise = initial_noise(latent_shape, [index], seed, device)
     generators = sample_generators(seed + 1, [index], device=noise.device)
-    denoise = controlled_denoiser(pipeline, control, unconditional, float(control_guidance_scale))
     with autocast_context(noise.device, pipeline.amp, pipeline.amp_dtype):
         latents = reverse_process(denoise, pipeline.scheduler, noise, pipeline.num_inference_steps, generators,
                                   progress=progress)
@@ -319,16 +319,22 @@ def box_check(image: np.ndarray, instances: np.ndarray, names: Mapping[int, str]
             "lesions_outside": int(sum(1 for o in owner if o not in lesion_ids))}
 
 
-def synthesize_layouts(
-    layouts: Sequence[str],
-    paste_onto: str | None,
-    label_transform: Callable,
-    label_classes: Mapping[Any, str],
-    output_dir: str,
-    spacing: Sequence[float],
-    label_key: str = "label",
-    **kwargs: Any,
-) -> Path:
+def box_check_summary(checks: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Box recall, mean IoU and the fraction of samples with a lesion outside every box, over :func:`box_check`
+    results (one per sample)."""
+    boxes = [b for check in checks for b in check["boxes"]]
+    outside = sum(check["lesions_outside"] > 0 for check in checks)
+    return {"box_recall": round(sum(b["found"] for b in boxes) / len(boxes), 4) if boxes else None,
+            "mean_iou": round(float(np.mean([b["iou"] for b in boxes])), 4) if boxes else None,
+            "samples_with_lesions_outside_boxes": round(outside / max(len(checks), 1), 4)}
+
+
+def print_box_check(summary: Mapping[str, Any]) -> None:
+    print(f"layouts: box recall {summary['box_recall']}, mean IoU {summary['mean_iou']}, samples with a lesion "
+          f"outside every box {summary['samples_with_lesions_outside_boxes']}")
+
+
+def synthesize_layouts(layouts: Sequence[str], paste_onto: str | None, synthesis: Callable[..., Path]) -> Path:
     """Generate from 3D box layouts (:mod:`scripts.layout`) through the label-map ControlNet: each layout's boxes are
     painted onto the base label map ``paste_onto`` in their class's label value, and the painted map is synthesised
     from (:func:`synthesize`). Writes, beside the image + label pairs, each layout's instance label map
@@ -339,65 +345,63 @@ def synthesize_layouts(
     Args:
         layouts: layout JSON files.
         paste_onto: the base label map (anatomy) the boxes are painted onto; its grid is the output grid.
-        label_transform, label_classes, output_dir, spacing, label_key: as for :func:`synthesize`.
-        kwargs: the rest of :func:`synthesize`'s arguments.
+        synthesis: :func:`synthesize` with its settings bound (``synthesize`` of ``configs/inference_controlnet.json``:
+            ``label_transform``, ``label_classes``, ``output_dir``, ``spacing``, ``label_key`` are read from it).
 
     Raises:
-        ValueError: no base map (layout-attention generation without a base map is not available yet), a layout
-            whose reference grid is not the base map's, or any refusal of :func:`scripts.layout.read_layout`.
+        ValueError: no base map, a layout whose reference grid is not the base map's, or any refusal of
+            :func:`scripts.layout.read_layout`.
     """
     import nibabel as nib
 
     from scripts import layout as lay
 
     if not paste_onto:
-        raise ValueError("layout generation goes through the label-map ControlNet: give --paste_onto <label map> "
-                         "(the anatomy the boxes are painted onto).")
+        raise ValueError("layout generation through the label-map ControlNet needs --paste_onto <label map> (the "
+                         "anatomy the boxes are painted onto).")
     if not layouts:
         raise ValueError("give --layouts with at least one layout JSON file (see scripts/schemas/layout.schema.json).")
-    classes = label_vocabulary(label_classes)
+    settings = getattr(synthesis, "keywords", {})
+    classes = label_vocabulary(settings["label_classes"])
+    label_key = settings.get("label_key", "label")
     base = nib.load(paste_onto)
     base_map, affine = np.asarray(base.dataobj).astype(np.int16), np.asarray(base.affine, dtype=np.float64)
-    run_dir = new_run_dir(output_dir, "layout")
+    run_dir = new_run_dir(settings["output_dir"], "layout")
     items, grids = [], []
     for j, path in enumerate(layouts):
         layout = lay.read_layout(path, list(classes.values()))
         if layout.reference:
-            shape, ref_affine = lay.output_grid(layout, base_map.shape, spacing)
+            shape, ref_affine = lay.output_grid(layout, base_map.shape, settings["spacing"])
             if tuple(shape) != tuple(base_map.shape) or not np.allclose(ref_affine, affine, atol=1e-4):
                 raise ValueError(f"layout {path}: its reference {layout.reference} is not on the grid of --paste_onto "
                                  f"{paste_onto}; drop the reference or give a base map on its grid.")
         instances, names = lay.rasterise(layout, base_map.shape, affine)
         painted = lay.paint(base_map, layout, affine, classes)
         label_file = save_nifti(painted, affine, run_dir / f"layout_{j:04d}_painted.nii.gz", dtype=np.int16)
-        save_nifti(instances, affine, run_dir / f"layout_{j:04d}_instances.nii.gz", dtype=np.int16)
-        atomic_write_json({"layout": str(path), "instances": {str(k): v for k, v in names.items()}},
-                          run_dir / f"layout_{j:04d}_instances.json")
+        write_instances(instances, names, affine, run_dir / f"layout_{j:04d}", str(path))
         items.append({label_key: str(label_file)})
         grids.append((instances, names, str(path)))
-    synthesize(label_items=items, label_transform=label_transform, label_classes=label_classes,
-               output_dir=output_dir, spacing=spacing, label_key=label_key, run_dir=run_dir, **kwargs)
+    synthesis(label_items=items, run_dir=run_dir)
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     per_map = int(manifest["samples_per_map"])
     voxel = [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
-    boxes_total = boxes_found = outside = 0
-    ious = []
     for sample in manifest["samples"]:
         instances, names, path = grids[sample["index"] // per_map]
         image = np.asarray(nib.load(run_dir / sample["image"]).dataobj, dtype=np.float32)
-        check = box_check(image, instances, names, voxel)
-        sample.update(layout=path, box_check=check)
-        boxes_total += len(check["boxes"])
-        boxes_found += sum(b["found"] for b in check["boxes"])
-        ious += [b["iou"] for b in check["boxes"]]
-        outside += check["lesions_outside"] > 0
-    manifest.update(paste_onto=str(paste_onto), layouts=[str(p) for p in layouts], box_check_summary={
-        "box_recall": round(boxes_found / boxes_total, 4) if boxes_total else None,
-        "mean_iou": round(float(np.mean(ious)), 4) if ious else None,
-        "samples_with_lesions_outside_boxes": round(outside / max(len(manifest["samples"]), 1), 4)})
+        sample.update(layout=path, box_check=box_check(image, instances, names, voxel))
+    summary = box_check_summary([sample["box_check"] for sample in manifest["samples"]])
+    manifest.update(paste_onto=str(paste_onto), layouts=[str(p) for p in layouts], box_check_summary=summary)
     atomic_write_json(manifest, manifest_path)
-    print(f"layouts: box recall {manifest['box_check_summary']['box_recall']}, mean IoU "
-          f"{manifest['box_check_summary']['mean_iou']}, samples with a lesion outside every box "
-          f"{manifest['box_check_summary']['samples_with_lesions_outside_boxes']}")
+    print_box_check(summary)
     return run_dir
+
+
+def write_instances(instances: np.ndarray, names: Mapping[int, str], affine: np.ndarray, stem: Path,
+                    layout: str) -> Path:
+    """A layout's instance label map ``<stem>_instances.nii.gz`` (one id per box) and its side file
+    ``<stem>_instances.json`` (``{"layout", "instances": {id: class}}``)."""
+    path = save_nifti(instances, affine, Path(f"{stem}_instances.nii.gz"), dtype=np.int16)
+    atomic_write_json({"layout": layout, "instances": {str(k): v for k, v in names.items()}},
+                      Path(f"{stem}_instances.json"))
+    return path

@@ -23,7 +23,7 @@ VQVAE, BRATS = "configs/vqvae.json", "configs/brats.json"
 MULTI_AE, MULTI_DIFF = "configs/multi_gpu_train_autoencoder.json", "configs/multi_gpu_train_diffusion.json"
 TRAIN_CN, INFER_CN = "configs/train_controlnet.json", "configs/inference_controlnet.json"
 TRAIN_CONCAT, INFER_CONCAT = "configs/train_diffusion_label_concat.json", "configs/inference_label_concat.json"
-INFER_LAYOUT = "configs/inference_layout.json"
+INFER_LAYOUT, TRAIN_LAYOUT = "configs/inference_layout.json", "configs/train_layout.json"
 TRAIN_COND, GENERATE_COND = "configs/train_diffusion_conditional.json", "configs/inference_conditional.json"
 
 #: the workflow configs, each merged after common.json (the overlays come after them)
@@ -59,11 +59,13 @@ ALL_WORKFLOWS = {
     "synthesis": ([COMMON, GENERATE, INFER_CN], "infer", "generate"),
     "synthesis_concat": ([COMMON, GENERATE, INFER_CN, INFER_CONCAT], "infer", "generate"),
     "layout": ([COMMON, GENERATE, INFER_CN, INFER_LAYOUT], "infer", "generate"),
+    "layout_attention": ([COMMON, GENERATE, INFER_LAYOUT], "infer", "generate"),
+    "layout_training": ([COMMON, TRAIN_DIFF, TRAIN_LAYOUT], "train", "stage2"),
     "conditional_stage2": ([COMMON, TRAIN_DIFF, TRAIN_COND], "train", "stage2"),
     "conditional_generation": ([COMMON, GENERATE, GENERATE_COND], "infer", "generate"),
 }
 #: label-map workflows read the vocabulary and the UNet they build on from the records of earlier trainings
-LABEL_RECORDS = {TRAIN_CN, INFER_CN}
+LABEL_RECORDS = {TRAIN_CN, INFER_CN, TRAIN_LAYOUT}
 
 
 @pytest.fixture(autouse=True)
@@ -273,13 +275,13 @@ def test_launcher_keys_are_read_by_the_launcher():
 
 @pytest.mark.parametrize("config_file", [TRAIN_AE, TRAIN_DIFF, INFER_AE, GENERATE, EVALUATE, VQVAE, BRATS, MULTI_AE,
                                          MULTI_DIFF, TRAIN_COND, GENERATE_COND, TRAIN_CN, INFER_CN, TRAIN_CONCAT,
-                                         INFER_CONCAT, INFER_LAYOUT])
+                                         INFER_CONCAT, INFER_LAYOUT, TRAIN_LAYOUT])
 def test_every_id_a_config_defines_is_read_by_a_workflow_using_it(config_file):
     """Each top-level id a config file defines (not a nested '#' edit of an overlay) is referenced by another id in
     some workflow that merges the file, or is an entry point, a MONAI property of that workflow's type, a key main.py
-    reads, or a documented --net_id."""
+    reads, or a documented --net_id (a '+' merge into an id, e.g. '+synthesize', counts as that id)."""
     content = json.loads((ROOT / config_file).read_text())
-    own = [k for k in content if not k.startswith("_") and "#" not in k]
+    own = [k if k in ENTRY_POINTS else k.removeprefix("+") for k in content if not k.startswith("_") and "#" not in k]
     users = [name for name, (files, _, _) in ALL_WORKFLOWS.items() if config_file in files]
     exempt = ENTRY_POINTS | set(LAUNCHER_KEYS) | _documented_net_ids() | set(ALLOWED_UNREAD)
     unread = [k for k in own if k not in exempt and not any(_is_read(k, w) for w in users)]

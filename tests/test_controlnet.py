@@ -360,7 +360,8 @@ def test_layout_boxes_painted_onto_a_base_map_generate_through_the_controlnet(tr
     assert proc.returncode != 0 and "give --paste_onto <label map>" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("overlay", ["configs/train_controlnet.json", "configs/train_diffusion_label_concat.json"])
+@pytest.mark.parametrize("overlay", ["configs/train_controlnet.json", "configs/train_diffusion_label_concat.json",
+                                     "configs/train_layout.json"])
 def test_overlays_edit_the_handlers_they_mean(overlay):
     """The label-map overlays edit stage 2's handlers by position: the positions still hold those handlers."""
     parser = ConfigParser(ConfigParser.load_config_files([str(ROOT / f) for f in [*STAGE2, overlay]]))
