@@ -161,6 +161,8 @@ def test_two_processes_and_accumulation_equal_one_process_at_the_same_global_bat
 
 
 STAGE2 = [COMMON, "configs/train_diffusion.json", "configs/multi_gpu_train_diffusion.json"]
+#: what a torchrun rank prints when it aborts in C++ teardown at exit (a known open defect, issue note of stop 14)
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def test_stage2_two_processes_and_accumulation_equal_one_process_at_the_same_global_batch(ddp_stage1, tmp_path,
@@ -178,7 +180,11 @@ def test_stage2_two_processes_and_accumulation_equal_one_process_at_the_same_glo
                            preview_num_samples=0, amp=False, base_learning_rate=0.05, lr_warmup_iterations=1,
                            load_autoencoder_path=str(stage1_tmp / "models" / "model_autoencoder.pt"),
                            **{"optimizer#_target_": "torch.optim.SGD", "optimizer#weight_decay": 0.0}, **extra)
-        run_bundle(STAGE2, ov, launcher=launcher, timeout=900)
+        proc = run_bundle(STAGE2, ov, launcher=launcher, timeout=900, check=launcher is None)
+        if proc.returncode != 0:
+            # seen once in four runs: a rank aborting in C++ teardown after its last epoch, which the checkpoint's
+            # epoch count (checked below) shows complete; any other failure fails here
+            assert TEARDOWN_ABORT in proc.stdout + proc.stderr, proc.stderr[-4000:]
         return torch.load(tmp_path / name / "checkpoint_diffusion.pt", weights_only=True)
 
     initial = config_network("network_def", {**TINY, **TINY_DIFFUSION}, seed=0).state_dict()
