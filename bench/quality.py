@@ -8,9 +8,12 @@
 
 One stage 1 is trained (and its test-split reconstruction measured, beside the ceiling a perfect denoising
 autoencoder would reach on the same noisy inputs: :func:`reconstruction_ceiling`), then stage 2 is trained on it in
-slices: after each budget (cumulative training minutes) the run stops with its checkpoint, generates
-``--num_samples`` volumes with the EMA weights, evaluates them (``configs/evaluate.json``: real-vs-real floor and
-blurred/noise ceilings measured in the same run), and resumes to the next budget. The learning-rate schedule is
+slices. After the first slice the training latents are decoded (:func:`stage1_round_trip`): the floor subjects
+through stage 1, evaluated as a generated set, are what a perfect stage 2 on this stage 1 would score (the
+``stage-1 round trip`` column, ``RESULT round_trip_*``). After each budget (cumulative training minutes) the run
+stops with its checkpoint, generates ``--num_samples`` volumes with the EMA weights, evaluates them
+(``configs/evaluate.json``: real-vs-real floor and blurred/noise ceilings measured in the same run), and resumes to
+the next budget. The learning-rate schedule is
 constant after its warm-up, so a slice boundary changes nothing but the RNG stream. Each run works in its own folder
 (``--workdir``, default ``bench/runs/quality_<time>``: data, weights, outputs), never in ``models/`` or
 ``outputs/``.
@@ -144,6 +147,56 @@ def reconstruction_ceiling(reconstruction_dir: Path, data_dir: Path, draws: int 
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def stage1_round_trip(work: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, float], Path]:
+    """What a perfect stage 2 could reach on this stage 1: each training subject's cached latent (the posterior mean
+    stage 2 trains on, ``work/cache``) decoded as generation decodes (``inference.json#decode_inferer``).
+
+    Returns the known-truth accuracy of the decoded training set against its recorded ``params``
+    (:func:`~scripts.evaluation.known_truth.accuracy`: ``<volume> relative error``, ``lesion_count_exact``, and the
+    decoded and recorded means), and a folder holding the decoded volumes of the first half of the training split as
+    NIfTI: the evaluation's floor subjects through stage 1, to be evaluated as a generated set would be.
+    """
+    import numpy as np
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.evaluation.known_truth import QUANTITIES, accuracy, estimate_quantities, recorded_quantities
+    from scripts.nifti import centered_affine, save_nifti
+    from scripts.sampling import decode_latents
+
+    cache = torch.load(max((work / "cache").glob("latents_training_*.pt")), weights_only=True)
+    parser = ConfigParser()
+    parser.read_config([COMMON, "configs/inference.json"])
+    parser.update({**overrides, "latent_shape": list(cache[0]["z_mu"].shape), "scale_factor": 1.0})
+    autoencoder = parser.get_parsed_content("autoencoder")
+    autoencoder.load_state_dict(torch.load(work / "models" / "model_autoencoder.pt", weights_only=True))
+    inferer = parser.get_parsed_content("decode_inferer")
+    data_dir = Path(overrides["demo_data_dir"])
+    params = {Path(e["image"]).name: e["params"]
+              for e in json.loads((data_dir / "datalist.json").read_text())["training"]}
+    training = ConfigParser()  # the training geometry (inference.json takes it from a training record)
+    training.read_config(COMMON)
+    training.update(dict(overrides))
+    spacing = [float(x) for x in training.get_parsed_content("spacing")]
+    orientation = training.get_parsed_content("orientation")
+    folder = work / "outputs" / "round_trip"
+    folder.mkdir(parents=True, exist_ok=True)
+    estimated, recorded = [], []
+    for k, item in enumerate(cache):
+        z = item["z_mu"][None].to(next(autoencoder.parameters()).device)
+        volume = decode_latents(autoencoder, z, 1.0, inferer)[0, 0].float().cpu().clamp(0, 1).numpy()
+        estimated.append(estimate_quantities(volume, spacing))
+        recorded.append(recorded_quantities(params[Path(item["source"]).name]))
+        if k < len(cache) // 2:  # the evaluation's floor half of the training split
+            save_nifti(volume, centered_affine(volume.shape, spacing, orientation),
+                       folder / f"round_trip_{k:03d}.nii.gz")
+    out = {f"{q} mean": float(np.mean([e[q] for e in estimated])) for q in QUANTITIES}
+    out.update({f"{q} mean (real)": float(np.mean([r[q] for r in recorded])) for q in QUANTITIES})
+    out.update({(q if q == "lesion_count_exact" else f"{q} relative error"): v
+                for q, v in accuracy(estimated, recorded).items()})
+    return out, folder
+
+
 def check_targets(stage1: Mapping[str, float], row: Mapping[str, float]) -> dict[str, bool]:
     """Which of :data:`TARGETS` a run meets (known-truth targets need every quantity of :data:`TRUTH`)."""
     def rel(q: str) -> float:
@@ -163,8 +216,9 @@ def check_targets(stage1: Mapping[str, float], row: Mapping[str, float]) -> dict
     }
 
 
-def plot(curve: list[dict[str, Any]], path: Path) -> None:
-    """Each metric against stage-2 training minutes, the real-vs-real floor dashed."""
+def plot(curve: list[dict[str, Any]], path: Path, round_trip: Mapping[str, Any] | None = None) -> None:
+    """Each metric against stage-2 training minutes, the real-vs-real floor dashed and (with ``round_trip``) the
+    floor subjects through stage 1 dotted: what a perfect stage 2 reaches."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,6 +232,8 @@ def plot(curve: list[dict[str, Any]], path: Path) -> None:
     for ax, metric in zip(axes.ravel()[: len(metrics)], metrics, strict=True):
         ax.plot(minutes, [c["metrics"][metric] for c in curve], marker="o", label="generated")
         ax.plot(minutes, [c["metrics"][f"{metric} (floor)"] for c in curve], "k--", label="real vs real")
+        if round_trip and metric in round_trip["metrics"]:
+            ax.axhline(round_trip["metrics"][metric], color="tab:red", linestyle=":", label="stage-1 round trip")
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("stage-2 training minutes", fontsize=8)
         ax.grid(alpha=0.3)
@@ -189,19 +245,31 @@ def plot(curve: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def table(stage1: Mapping[str, float], curve: list[dict[str, Any]]) -> str:
+def table(stage1: Mapping[str, float], curve: list[dict[str, Any]], round_trip: Mapping[str, Any] | None = None
+          ) -> str:
+    """The markdown table: one column per budget, then (with ``round_trip``) the floor subjects through stage 1,
+    then the real-vs-real floor."""
     metrics = [m for m in curve[0]["metrics"] if not m.endswith(DERIVED)]
-    head = "| metric | " + " | ".join(f"{c['stage2_minutes']:g} min" for c in curve) + " | real vs real |"
+    extra = " stage-1 round trip |" if round_trip else ""
+    head = "| metric | " + " | ".join(f"{c['stage2_minutes']:g} min" for c in curve) + f" |{extra} real vs real |"
     lines = [f"stage 1: {stage1['minutes']:.1f} min, test PSNR {stage1['psnr']:.2f} dB, "
              f"MS-SSIM {stage1['ms_ssim']:.4f} (a perfect denoiser: {stage1['psnr_ceiling']:.2f} dB, "
              f"{stage1['ms_ssim_ceiling']:.4f})",
-             "", head, "|---" * (len(curve) + 2) + "|"]
+             ]
+    if "round_trip lesion_count mean" in stage1:
+        lines.append("stage 1 round trip (the training latents decoded: what a perfect stage 2 reaches): " + ", ".join(
+            f"{q} {stage1[f'round_trip {q} mean']:.4g} (real {stage1[f'round_trip {q} mean (real)']:.4g})"
+            for q in TRUTH) + f", lesion count exact {stage1['round_trip lesion_count_exact']:.2f}")
+    lines += ["", head, "|---" * (len(curve) + 2 + bool(round_trip)) + "|"]
     for m in metrics:
         floor = curve[-1]["metrics"].get(f"{m} (floor)", curve[-1]["metrics"].get(f"{m} (real)"))
         floor_text = f"{floor:.4g}" if floor is not None else ""
-        lines.append(f"| {m} | " + " | ".join(f"{c['metrics'][m]:.4g}" for c in curve) + f" | {floor_text} |")
-    lines.append("| targets met | " + " | ".join(f"{sum(c['targets'].values())}/{len(c['targets'])}" for c in curve)
-                 + " | |")
+        trip = f" {round_trip['metrics'][m]:.4g} |" if round_trip and m in round_trip["metrics"] else (
+            " |" if round_trip else "")
+        lines.append(f"| {m} | " + " | ".join(f"{c['metrics'][m]:.4g}" for c in curve) + f" |{trip} {floor_text} |")
+    passed = [f"{sum(c['targets'].values())}/{len(c['targets'])}" for c in curve]
+    trip = f" {sum(round_trip['targets'].values())}/{len(round_trip['targets'])} |" if round_trip else ""
+    lines.append("| targets met | " + " | ".join(passed) + f" |{trip} |")
     return "\n".join(lines) + "\n"
 
 
@@ -270,6 +338,15 @@ def main(argv: list[str] | None = None) -> dict:
         run_workflow(stage2, (budget - trained) if budget else None, max_epochs=args.stage2_epochs,
                      seed=args.seed, latent_cache_dir=str(work / "cache"), resume=k > 0, **common)
         trained += (time.time() - t) / 60
+        if k == 0:  # the decoded training latents: what a perfect stage 2 on this stage 1 reaches
+            round_trip, folder = stage1_round_trip(work, common)
+            stage1.update({f"round_trip {key}": value for key, value in round_trip.items()})
+            run_workflow([COMMON, "configs/evaluate.json"], generated_dir=str(folder), **common)
+            trip_row = quality_row(json.loads((newest(outputs, "evaluation") / "metrics.json").read_text()))
+            round_trip_point = {"metrics": trip_row, "targets": check_targets(stage1, trip_row),
+                                "report": str(newest(outputs, "evaluation") / "report.md")}
+            print("stage 1 round trip: " + ", ".join(
+                f"{q} {round_trip[f'{q} mean']:.3g} (real {round_trip[f'{q} mean (real)']:.3g})" for q in TRUTH))
         t = time.time()
         run_workflow([COMMON, "configs/inference.json"], num_samples=args.num_samples, seed=args.seed, **common)
         generation_minutes = (time.time() - t) / 60
@@ -284,17 +361,25 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"stage 2 at {trained:.1f} min: {sum(point['targets'].values())}/{len(TARGETS)} targets; "
               f"samples {point['samples']}")
 
-    result = {"arguments": vars(args), "stage1": stage1, "curve": curve, "targets": TARGETS}
+    result = {"arguments": vars(args), "stage1": stage1, "curve": curve, "round_trip": round_trip_point,
+              "targets": TARGETS}
     (work / "quality.json").write_text(json.dumps(result, indent=2))
-    (work / "quality.md").write_text(table(stage1, curve))
-    plot(curve, work / "quality.png")
+    (work / "quality.md").write_text(table(stage1, curve, round_trip_point))
+    plot(curve, work / "quality.png", round_trip_point)
     print(f"\nquality benchmark: {work}/quality.md, {work}/quality.png")
-    print(table(stage1, curve))
+    print(table(stage1, curve, round_trip_point))
     last = curve[-1]
     print(f"RESULT stage1_psnr {stage1['psnr']:.4f}")
     print(f"RESULT stage1_ms_ssim {stage1['ms_ssim']:.4f}")
     print(f"RESULT stage1_psnr_ceiling {stage1['psnr_ceiling']:.4f}")
     print(f"RESULT stage1_ms_ssim_ceiling {stage1['ms_ssim_ceiling']:.4f}")
+    for key, value in stage1.items():
+        if key.startswith("round_trip "):
+            print(f"RESULT stage1_{key.replace(' ', '_').replace('(', '').replace(')', '')} {value:.6g}")
+    for metric, value in round_trip_point["metrics"].items():
+        if not metric.endswith(DERIVED):
+            print(f"RESULT round_trip_{metric.replace(' ', '_')} {value:.6g}")
+    print(f"RESULT round_trip_pass {sum(round_trip_point['targets'].values())}/{len(round_trip_point['targets'])}")
     print(f"RESULT stage2_minutes {last['stage2_minutes']:.2f}")
     for metric, value in last["metrics"].items():
         print(f"RESULT {metric.replace(' ', '_')} {value:.6g}")

@@ -99,8 +99,11 @@ def init_process_group(backend: str = "auto", timeout_minutes: float = 30.0) -> 
 
 
 def destroy_process_group() -> None:
-    """Leave the process group if one exists (the overlays' ``finalize``)."""
+    """Leave the process group if one exists (the overlays' ``finalize``), after a barrier: a rank that tears the
+    group down while another still talks to it (rank 0 also hosts the rendezvous store) can abort the other at
+    exit."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
