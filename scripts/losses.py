@@ -111,6 +111,9 @@ class AutoencoderLoss(nn.Module):
             ``ssim_win_size``, images in [0, 1]); 0 switches it off. SSIM penalises the lost contrast and structure of
             thin and small features (skull, lesions) that L1 averages away (Zhao et al. 2017).
         ssim_win_size: its window side in voxels (the validation SSIM's, 7).
+        l2_weight: weight of a mean-squared term added to the reconstruction loss; 0 switches it off. With L1, whose
+            optimum is the median, a thin structure disappears wherever the decoder is unsure of its edge; the squared
+            term pulls those voxels towards the mean, so the structure is kept (at partial contrast).
         perceptual_network: a module ``(recon, target) -> scalar``, e.g. :class:`LocalPerceptualLoss`.
         spatial_dims: spatial dimensions of the images (for the spectral loss).
         reconstruction: ``"l1"`` or ``"l2"``.
@@ -129,6 +132,7 @@ class AutoencoderLoss(nn.Module):
         quantization_weight: float = 1.0,
         ssim_weight: float = 0.0,
         ssim_win_size: int = 7,
+        l2_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if perceptual_weight > 0 and perceptual_network is None:
@@ -149,6 +153,7 @@ class AutoencoderLoss(nn.Module):
         self.ssim = (SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=ssim_win_size)
                      if ssim_weight > 0 else None)
         self.reconstruction = nn.L1Loss() if reconstruction == "l1" else nn.MSELoss()
+        self.l2_weight = l2_weight
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
 
     def generator_terms(
@@ -172,6 +177,8 @@ class AutoencoderLoss(nn.Module):
         """
         weights = {"kl": self.kl_weight, "quantization": self.quantization_weight}
         terms = {"recon": self.reconstruction(recon, target)}
+        if self.l2_weight > 0:
+            terms["l2"] = self.l2_weight * nn.functional.mse_loss(recon.float(), target.float())
         for name, value in regularisers.items():
             if name not in weights:
                 raise KeyError(f"no weight for the latent regulariser '{name}'; known: {sorted(weights)}.")

@@ -86,6 +86,15 @@ def test_ssim_term_penalises_lost_structure_more_than_l1_does():
     assert "ssim" not in AutoencoderLoss().generator_terms(x, x, {"kl": torch.zeros(())})
 
 
+def test_l2_term_is_the_weighted_mean_squared_error_and_absent_by_default():
+    torch.manual_seed(0)
+    x, recon = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
+    terms = AutoencoderLoss(l2_weight=10.0).generator_terms(recon, x, {"kl": torch.zeros(())})
+    assert float(terms["l2"]) == pytest.approx(10.0 * float(((recon - x) ** 2).mean()), rel=1e-5)
+    assert float(terms["recon"]) == pytest.approx(float((recon - x).abs().mean()), rel=1e-5)  # L1 unchanged
+    assert "l2" not in AutoencoderLoss().generator_terms(recon, x, {"kl": torch.zeros(())})
+
+
 def test_spectral_term_is_added_when_weighted():
     x = torch.rand(1, 1, 8, 8, 8)
     terms = AutoencoderLoss(spectral_weight=1.0).generator_terms(x, x, {"kl": torch.zeros(())})
