@@ -23,8 +23,8 @@ from scripts.diffusion import LatentDiffusionPrepareBatch
 from scripts.randomness import SAMPLE_INDEX
 
 __all__ = [
-    "check_controlnet_record", "CheckLabelsd", "class_probabilities", "ClassWeightedMSE", "control_check",
-    "control_image", "controlnet_dataset", "ControlNetPrepareBatch", "ControlNetTrainingInferer",
+    "batch_label_map", "check_controlnet_record", "CheckLabelsd", "class_probabilities", "ClassWeightedMSE",
+    "control_check", "control_image", "controlnet_dataset", "ControlNetPrepareBatch", "ControlNetTrainingInferer",
     "embedding_channels", "init_from_unet", "label_vocabulary", "latent_control", "load_controlnet", "null_control",
     "recorded_vocabulary",
 ]
@@ -155,6 +155,16 @@ def class_probabilities(value: float | Mapping[str, float], classes: Mapping[int
     return torch.tensor(probs)
 
 
+def batch_label_map(batchdata: Mapping, label_key: str, device: torch.device, what: str,
+                    non_blocking: bool = False) -> torch.Tensor:
+    """The label maps of a training batch on ``device``; a batch without them is refused naming the key (``what``
+    names the workflow's batch in the message)."""
+    if label_key not in batchdata:
+        raise KeyError(f"the {what} batch has no '{label_key}' (label map); give every datalist item a "
+                       f"'{label_key}' file or fix label_key.")
+    return torch.as_tensor(batchdata[label_key]).to(device=device, non_blocking=non_blocking)
+
+
 class ControlNetPrepareBatch(LatentDiffusionPrepareBatch):
     """The stage-2 objective with a label-map control: :class:`LatentDiffusionPrepareBatch`'s ``(inputs, target, (),
     kwargs)`` plus ``kwargs["control"]``, the control image (:func:`control_image`) of the batch's label maps, with
@@ -190,10 +200,7 @@ class ControlNetPrepareBatch(LatentDiffusionPrepareBatch):
 
     def extra_inputs(self, batchdata: dict, latents: torch.Tensor, infer_kwargs: dict,
                      non_blocking: bool = False) -> None:
-        if self.label_key not in batchdata:
-            raise KeyError(f"the ControlNet batch has no '{self.label_key}' (label map); give every datalist item "
-                           f"a '{self.label_key}' file or fix label_key.")
-        label = torch.as_tensor(batchdata[self.label_key]).to(device=latents.device, non_blocking=non_blocking)
+        label = batch_label_map(batchdata, self.label_key, latents.device, "ControlNet", non_blocking)
         n = label.shape[0]
         keep = (self._rand((n, len(self.classes))) >= self.label_drop).float()
         keep = keep * (self._rand((n, 1)) >= self.control_drop).float()

@@ -26,7 +26,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from torch import nn
 
-from scripts.controlnet import ControlNetTrainingInferer, label_vocabulary
+from scripts.controlnet import ControlNetTrainingInferer, batch_label_map, label_vocabulary
 from scripts.diffusion import LatentDiffusionPrepareBatch
 
 __all__ = ["LayoutAttention", "LayoutAttentionBlock", "LayoutPrepareBatch", "LayoutTrainingInferer",
@@ -244,10 +244,7 @@ class LayoutPrepareBatch(LatentDiffusionPrepareBatch):
 
     def extra_inputs(self, batchdata: dict, latents: torch.Tensor, infer_kwargs: dict,
                      non_blocking: bool = False) -> None:
-        if self.label_key not in batchdata:
-            raise KeyError(f"the layout batch has no '{self.label_key}' (label map); give every datalist item a "
-                           f"'{self.label_key}' file or fix label_key.")
-        label = torch.as_tensor(batchdata[self.label_key]).to(device=latents.device, non_blocking=non_blocking)
+        label = batch_label_map(batchdata, self.label_key, latents.device, "layout", non_blocking)
         instances, classes = component_layout(label, self.class_values)
         keep = (self._rand((label.shape[0], 1)) >= self.layout_drop).long().to(latents.device)
         infer_kwargs["layout"] = (instances * keep.view(-1, 1, 1, 1, 1), classes * keep)

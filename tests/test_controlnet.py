@@ -372,3 +372,13 @@ def test_overlays_edit_the_handlers_they_mean(overlay):
     for key in edits:
         position = "#".join(key.split("#")[:3])
         assert parser[f"{position}#_target_"] == expected[position], key
+
+
+def test_a_batch_without_its_label_map_is_refused_naming_the_key():
+    from scripts.controlnet import batch_label_map
+
+    label = batch_label_map({"label": np.zeros((1, 1, 4, 4, 4), dtype=np.uint8)}, "label", torch.device("cpu"), "x")
+    assert isinstance(label, torch.Tensor) and label.shape == (1, 1, 4, 4, 4)
+    for what in ("ControlNet", "layout"):
+        with pytest.raises(KeyError, match=f"the {what} batch has no 'seg' \\(label map\\).*fix label_key"):
+            batch_label_map({"z_mu": torch.zeros(1)}, "seg", torch.device("cpu"), what)
